@@ -1,0 +1,456 @@
+"""Qwen3 (dense) in Flax NNX: the config with presets for every dense size, the decoder, and its KV cache.
+
+Dimension letters (see style.md): B batch, T query positions, S key/cache positions, D model width,
+N query heads, K kv heads, G = N // K query heads per kv head, H head width, F MLP width, V vocabulary.
+
+This file knows nothing about HF parameter names; `convert.py` owns that table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# The Qwen3 tokenizer has 151669 real ids (the last is `</think>` = 151668); the embedding has
+# 151936 rows so that V is a multiple of 128. The extra rows are never produced by the tokenizer.
+QWEN3_VOCAB_SIZE = 151936
+QWEN3_NUM_REAL_TOKENS = 151669
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# A finite "minus infinity": exp() underflows to exactly 0, and 0 * (this - this) stays 0, whereas
+# -inf would turn p * (log p - log q) into NaN for masked entries.
+MASK_VALUE = -1e30
+
+INIT_STDDEV = 0.02  # HF Qwen3 `initializer_range`: normal(0, 0.02) for every linear and the embedding
+
+
+def resolve_dtype(name: str) -> jnp.dtype:
+    """Maps a dtype name from a config to the JAX dtype, with an error that lists the choices."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+    """Architecture and numerics of one Qwen3 dense model. Field names follow HF's config.json."""
+
+    vocab_size: int  # V: rows of the embedding and the LM head, padding rows included
+    hidden_size: int  # D
+    intermediate_size: int  # F: SwiGLU width
+    num_hidden_layers: int  # L
+    num_attention_heads: int  # N
+    num_key_value_heads: int  # K (GQA when K < N)
+    head_dim: int = 128  # H
+    tie_word_embeddings: bool = False  # LM head shares the embedding matrix
+    rope_theta: float = 1_000_000.0  # RoPE base
+    rms_norm_eps: float = 1e-6  # epsilon of every RMSNorm
+    max_position_embeddings: int = 40960  # longest position the model was trained for
+    num_real_tokens: int | None = None  # ids >= this are vocabulary padding; None means all V are real
+    param_dtype: str = "float32"  # storage dtype of the parameters: float32 | bfloat16
+    dtype: str = "float32"  # compute dtype of activations and the KV cache: float32 | bfloat16
+    remat: bool = False  # recompute each layer in the backward pass (training memory)
+
+    def __post_init__(self):
+        resolve_dtype(self.param_dtype)
+        resolve_dtype(self.dtype)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.num_real_tokens is not None and not 0 < self.num_real_tokens <= self.vocab_size:
+            raise ValueError(f"num_real_tokens={self.num_real_tokens} must be in (0, vocab_size={self.vocab_size}]")
+
+    @property
+    def real_vocab_size(self) -> int:
+        """Number of ids that are real tokens; logits beyond it are masked in every distribution."""
+        return self.vocab_size if self.num_real_tokens is None else self.num_real_tokens
+
+    def replace(self, **changes: Any) -> Qwen3Config:
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Parameter count (embedding counted once when tied)."""
+        d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
+        n, k = self.num_attention_heads, self.num_key_value_heads
+        per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * f + 2 * d + 2 * h
+        head = 0 if self.tie_word_embeddings else d * self.vocab_size
+        return self.vocab_size * d + self.num_hidden_layers * per_layer + d + head
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json that transformers' Qwen3ForCausalLM (and vLLM) read."""
+        return {
+            "architectures": ["Qwen3ForCausalLM"],
+            "model_type": "qwen3",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "initializer_range": INIT_STDDEV,
+            "torch_dtype": self.param_dtype,
+        }
+
+
+def from_hf_config(hf: dict[str, Any] | str, **overrides: Any) -> Qwen3Config:
+    """Builds a Qwen3Config from a HF config.json (a dict, or the path of the file).
+
+    Accepts both the transformers 4.x layout (`rope_theta`, `rope_scaling`) and the 5.x layout
+    (`rope_parameters`). Anything this dense implementation would silently compute differently is
+    refused: another model_type, attention biases, sliding windows, RoPE scaling.
+    """
+    if isinstance(hf, str):
+        with open(hf) as f:
+            hf = json.load(f)
+    model_type = hf.get("model_type")
+    if model_type != "qwen3":
+        raise ValueError(
+            f"model_type is {model_type!r}, but this loader implements Qwen3 dense models only "
+            "(model_type 'qwen3'); pass a Qwen3 checkpoint"
+        )
+    if hf.get("attention_bias", False):
+        raise ValueError("attention_bias=true is not part of Qwen3 dense; this checkpoint is not supported")
+    if hf.get("use_sliding_window", False):
+        raise ValueError("use_sliding_window=true is not supported: Qwen3 dense models use full attention")
+    rope = hf.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", "default")
+    scaling = hf.get("rope_scaling")
+    if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
+        raise ValueError(f"RoPE scaling {scaling or rope} is not supported; use a checkpoint with default RoPE")
+    rope_theta = rope.get("rope_theta", hf.get("rope_theta", 1_000_000.0))
+    vocab = hf["vocab_size"]
+    fields = dict(
+        vocab_size=vocab,
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        rope_theta=float(rope_theta),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=hf.get("max_position_embeddings", 40960),
+        num_real_tokens=QWEN3_NUM_REAL_TOKENS if vocab == QWEN3_VOCAB_SIZE else None,
+    )
+    fields.update(overrides)
+    return Qwen3Config(**fields)
+
+
+def _preset(hidden: int, ffn: int, layers: int, heads: int, tied: bool) -> Qwen3Config:
+    return Qwen3Config(
+        vocab_size=QWEN3_VOCAB_SIZE,
+        num_real_tokens=QWEN3_NUM_REAL_TOKENS,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=tied,
+    )
+
+
+# The published config.json of each dense Qwen3 checkpoint (all: head_dim 128, 8 kv heads,
+# rope_theta 1e6, rms_norm_eps 1e-6, max_position_embeddings 40960, vocab 151936).
+PRESETS: dict[str, Qwen3Config] = {
+    "Qwen3-0.6B": _preset(1024, 3072, 28, 16, tied=True),
+    "Qwen3-1.7B": _preset(2048, 6144, 28, 16, tied=True),
+    "Qwen3-4B": _preset(2560, 9728, 36, 32, tied=True),
+    "Qwen3-8B": _preset(4096, 12288, 36, 32, tied=False),
+    "Qwen3-14B": _preset(5120, 17408, 40, 40, tied=False),
+    "Qwen3-32B": _preset(5120, 25600, 64, 64, tied=False),
+}
+
+
+def preset(name: str, **overrides: Any) -> Qwen3Config:
+    """A published Qwen3 shape by name ('Qwen3-0.6B' or 'Qwen/Qwen3-0.6B'), with field overrides."""
+    key = name.split("/")[-1]
+    if key not in PRESETS:
+        raise ValueError(f"unknown Qwen3 preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[key].replace(**overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------------------
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys and values plus the number of valid entries of each row.
+
+    k[l], v[l]: [B, S, K, H] in the compute dtype. lengths: [B] int32, tokens already cached per row.
+    A step of T tokens writes them at slots lengths[b] .. lengths[b] + T - 1 of row b. Rolling back
+    rejected draft tokens only lowers `lengths`: stale slots are masked and later overwritten.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    lengths: jax.Array
+
+    @classmethod
+    def init(cls, cfg: Qwen3Config, batch: int, max_len: int) -> KVCache:
+        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        dtype = resolve_dtype(cfg.dtype)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+        # Distinct buffers per layer so that donation and in-place updates never alias.
+        return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
+                   lengths=jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+    def with_lengths(self, lengths: jax.Array) -> KVCache:
+        return self._replace(lengths=lengths.astype(jnp.int32))
+
+
+def _write_rows(cache_bskh: jax.Array, new_btkh: jax.Array, start_b: jax.Array) -> jax.Array:
+    """Writes each row's T new entries at its own start slot (a per-row dynamic_update_slice)."""
+    return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))(
+        cache_bskh, new_btkh.astype(cache_bskh.dtype), start_b
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> jax.Array:
+    return (INIT_STDDEV * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), with the statistics in float32 as HF does."""
+
+    def __init__(self, dim: int, eps: float, param_dtype, axis_name: str):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=(axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype) * self.weight.value.astype(x.dtype)
+
+
+def rope_tables(positions_bt: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin: [B, T, H] in float32 (HF rotate-half layout: the H/2 frequencies appear twice).
+
+    Positions reach tens of thousands, where bfloat16 cannot even represent consecutive integers,
+    so the angles are always formed in float32.
+    """
+    inv_freq_h2 = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles_bth2 = positions_bt.astype(jnp.float32)[..., None] * inv_freq_h2
+    angles_bth = jnp.concatenate([angles_bth2, angles_bth2], axis=-1)
+    return jnp.cos(angles_bth), jnp.sin(angles_bth)
+
+
+def apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Array:
+    x32 = x_btnh.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x32 * cos_bth[:, :, None, :] + rotated * sin_bth[:, :, None, :]
+    return out.astype(x_btnh.dtype)
+
+
+def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array) -> jax.Array:
+    """Grouped-query softmax attention with scores and softmax in float32. Returns o: [B, T, N, H].
+
+    Query head n reads kv head n // G, the same grouping as HF's repeat_kv.
+    """
+    b, t, n, h = q_btnh.shape
+    k = k_bskh.shape[2]
+    q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
+    scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32)
+    scores_bkgts = scores_bkgts * (h**-0.5)
+    scores_bkgts = jnp.where(mask_bts[:, None, None, :, :], scores_bkgts, MASK_VALUE)
+    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskh.dtype)
+    o_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
+    return o_btkgh.reshape(b, t, n, h)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, rngs: nnx.Rngs):
+        pdt = resolve_dtype(cfg.param_dtype)
+        d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.cfg = cfg
+        self.q_proj = nnx.Param(_normal(rngs, (d, n, h), pdt), axes=("embed", "q_heads", "head_dim"))
+        self.k_proj = nnx.Param(_normal(rngs, (d, k, h), pdt), axes=("embed", "kv_heads", "head_dim"))
+        self.v_proj = nnx.Param(_normal(rngs, (d, k, h), pdt), axes=("embed", "kv_heads", "head_dim"))
+        self.o_proj = nnx.Param(_normal(rngs, (n, h, d), pdt), axes=("q_heads", "head_dim", "embed"))
+        # Qwen3's per-head norms on q and k, applied before RoPE.
+        self.q_norm = RMSNorm(h, cfg.rms_norm_eps, pdt, "head_dim")
+        self.k_norm = RMSNorm(h, cfg.rms_norm_eps, pdt, "head_dim")
+
+    def __call__(
+        self,
+        x_btd: jax.Array,
+        positions_bt: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        kv: tuple[jax.Array, jax.Array, jax.Array] | None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """kv is None for a cache-free causal pass, else (k_bskh, v_bskh, lengths_b) to write and read."""
+        dt = x_btd.dtype
+        q_btnh = self.q_norm(jnp.einsum("btd,dnh->btnh", x_btd, self.q_proj.value.astype(dt)))
+        k_btkh = self.k_norm(jnp.einsum("btd,dkh->btkh", x_btd, self.k_proj.value.astype(dt)))
+        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.v_proj.value.astype(dt))
+        cos_bth, sin_bth = rope
+        q_btnh = apply_rope(q_btnh, cos_bth, sin_bth)
+        k_btkh = apply_rope(k_btkh, cos_bth, sin_bth)
+
+        if kv is None:
+            keys_bskh, values_bskh, new_kv = k_btkh, v_btkh, None
+            key_positions_s = jnp.arange(x_btd.shape[1])
+        else:
+            cache_k, cache_v, lengths_b = kv
+            keys_bskh = _write_rows(cache_k, k_btkh, lengths_b)
+            values_bskh = _write_rows(cache_v, v_btkh, lengths_b)
+            new_kv = (keys_bskh, values_bskh)
+            key_positions_s = jnp.arange(cache_k.shape[1])
+        # Slot s holds position s, so one rule covers causality, stale cache slots and right padding.
+        mask_bts = key_positions_s[None, None, :] <= positions_bt[:, :, None]
+        o_btnh = attend(q_btnh, keys_bskh.astype(dt), values_bskh.astype(dt), mask_bts)
+        return jnp.einsum("btnh,nhd->btd", o_btnh, self.o_proj.value.astype(dt)), new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, rngs: nnx.Rngs):
+        pdt = resolve_dtype(cfg.param_dtype)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nnx.Param(_normal(rngs, (d, f), pdt), axes=("embed", "mlp"))
+        self.up_proj = nnx.Param(_normal(rngs, (d, f), pdt), axes=("embed", "mlp"))
+        self.down_proj = nnx.Param(_normal(rngs, (f, d), pdt), axes=("mlp", "embed"))
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        dt = x_btd.dtype
+        gate_btf = jnp.einsum("btd,df->btf", x_btd, self.gate_proj.value.astype(dt))
+        up_btf = jnp.einsum("btd,df->btf", x_btd, self.up_proj.value.astype(dt))
+        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate_btf) * up_btf, self.down_proj.value.astype(dt))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, rngs: nnx.Rngs):
+        pdt = resolve_dtype(cfg.param_dtype)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt, "norm")
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt, "norm")
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_btd, positions_bt, rope, kv):
+        attn_out, new_kv = self.attn(self.attn_norm(x_btd), positions_bt, rope, kv)
+        x_btd = x_btd + attn_out
+        x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
+        return x_btd, new_kv
+
+
+def _run_layer(layer: DecoderLayer, x_btd, positions_bt, rope, kv):
+    return layer(x_btd, positions_bt, rope, kv)
+
+
+# Rematerialised variant: activations inside a layer are recomputed in the backward pass, so a
+# training step keeps only one [B, T, D] residual per layer alive.
+_run_layer_remat = nnx.remat(_run_layer)
+
+
+class Qwen3(nnx.Module):
+    """The Qwen3 decoder with its LM head.
+
+    model(tokens_bt) -> float32 logits [B, T, V] (one causal pass, no cache).
+    model.step(tokens_bt, cache) -> (float32 logits [B, T, V], cache advanced by T per row).
+    """
+
+    def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+        pdt = resolve_dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.embed = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.hidden_size), pdt), axes=("vocab", "embed"))
+        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt, "norm")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Param(_normal(rngs, (cfg.hidden_size, cfg.vocab_size), pdt), axes=("embed", "vocab"))
+
+    def _decoder(self, tokens_bt, positions_bt, cache: KVCache | None):
+        dt = resolve_dtype(self.cfg.dtype)
+        x_btd = jnp.take(self.embed.value, tokens_bt, axis=0).astype(dt)
+        rope = rope_tables(positions_bt, self.cfg.head_dim, self.cfg.rope_theta)
+        run = _run_layer_remat if self.cfg.remat else _run_layer
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i], cache.lengths)
+            x_btd, layer_kv = run(layer, x_btd, positions_bt, rope, kv)
+            if layer_kv is not None:
+                new_k.append(layer_kv[0])
+                new_v.append(layer_kv[1])
+        h_btd = self.norm(x_btd)
+        if cache is None:
+            return h_btd, None
+        lengths = cache.lengths + tokens_bt.shape[1]
+        return h_btd, KVCache(k=tuple(new_k), v=tuple(new_v), lengths=lengths)
+
+    def hidden_states(self, tokens_bt: jax.Array) -> jax.Array:
+        """Final-norm hidden states [B, T, D] of a causal pass from position 0 (right padding is safe)."""
+        positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+        return self._decoder(tokens_bt, positions_bt, None)[0]
+
+    def logits(self, h_btd: jax.Array) -> jax.Array:
+        """LM head: [B, T, D] -> float32 [B, T, V], accumulated in float32 whatever the compute dtype."""
+        if self.cfg.tie_word_embeddings:
+            w_vd = self.embed.value.astype(h_btd.dtype)
+            return jnp.einsum("btd,vd->btv", h_btd, w_vd, preferred_element_type=jnp.float32)
+        w_dv = self.lm_head.value.astype(h_btd.dtype)
+        return jnp.einsum("btd,dv->btv", h_btd, w_dv, preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens_bt: jax.Array) -> jax.Array:
+        return self.logits(self.hidden_states(tokens_bt))
+
+    def step(self, tokens_bt: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Feeds T new tokens per row at positions lengths[b] .. lengths[b] + T - 1.
+
+        Returns float32 logits [B, T, V] and the cache with every row's length advanced by T; callers
+        that fed padding (ragged prefill) or rejected drafts set the true lengths with `with_lengths`.
+        The caller guarantees lengths[b] + T <= cache.max_len (checked before jit by the engines).
+        """
+        positions_bt = cache.lengths[:, None] + jnp.arange(tokens_bt.shape[1])[None, :]
+        h_btd, cache = self._decoder(tokens_bt, positions_bt, cache)
+        return self.logits(h_btd), cache
+
+
+def mask_padding_vocab(logits_tv: jax.Array, real_vocab_size: int) -> jax.Array:
+    """Sets the logits of vocabulary padding rows (ids >= real_vocab_size) to MASK_VALUE.
+
+    Applied wherever a distribution is formed (divergences, sampling), for target and draft alike:
+    the padding rows of a checkpoint hold untrained weights and must never receive probability mass.
+    """
+    if real_vocab_size >= logits_tv.shape[-1]:
+        return logits_tv
+    real_v = jnp.arange(logits_tv.shape[-1]) < real_vocab_size
+    return jnp.where(real_v, logits_tv, MASK_VALUE)
+
+
+def init_model(cfg: Qwen3Config, seed: int = 0) -> Qwen3:
+    """A randomly initialised model (normal(0, 0.02) weights, unit norms), as HF initialises Qwen3."""
+    return Qwen3(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: Qwen3Config) -> Qwen3:
+    """The model with ShapeDtypeStruct leaves: shapes for loading and restoring without allocating."""
+    return nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(params=0)))

@@ -1,0 +1,27 @@
+"""Shared test setup: 8 fake CPU devices, and tiny random HF Qwen3 checkpoints written once per session."""
+
+import os
+
+# Must happen before jax is imported anywhere: every test process sees 8 CPU devices, so sharded
+# runs and single-device runs can be compared in the same process.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests.tiny import TINY_CASES, write_hf_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, pathlib.Path]:
+    """HF checkpoints (safetensors + config.json) written by transformers' save_pretrained.
+
+    Keys: 'tied_gqa', 'untied_gqa', 'tied_mha', 'untied_mha'. Every weight, norms included, is random,
+    so a mix-up of any two tensors changes the logits.
+    """
+    root = tmp_path_factory.mktemp("hf")
+    return {name: write_hf_checkpoint(root / name, seed=i, **kw) for i, (name, kw) in enumerate(TINY_CASES.items())}
