@@ -250,7 +250,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return normed.astype(x.dtype) * self.weight.value.astype(x.dtype)
+        return normed.astype(x.dtype) * self.weight[...].astype(x.dtype)
 
 
 def rope_tables(positions_bt: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -311,9 +311,9 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """kv is None for a cache-free causal pass, else (k_bskh, v_bskh, lengths_b) to write and read."""
         dt = x_btd.dtype
-        q_btnh = self.q_norm(jnp.einsum("btd,dnh->btnh", x_btd, self.q_proj.value.astype(dt)))
-        k_btkh = self.k_norm(jnp.einsum("btd,dkh->btkh", x_btd, self.k_proj.value.astype(dt)))
-        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.v_proj.value.astype(dt))
+        q_btnh = self.q_norm(jnp.einsum("btd,dnh->btnh", x_btd, self.q_proj[...].astype(dt)))
+        k_btkh = self.k_norm(jnp.einsum("btd,dkh->btkh", x_btd, self.k_proj[...].astype(dt)))
+        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.v_proj[...].astype(dt))
         cos_bth, sin_bth = rope
         q_btnh = apply_rope(q_btnh, cos_bth, sin_bth)
         k_btkh = apply_rope(k_btkh, cos_bth, sin_bth)
@@ -330,7 +330,7 @@ class Attention(nnx.Module):
         # Slot s holds position s, so one rule covers causality, stale cache slots and right padding.
         mask_bts = key_positions_s[None, None, :] <= positions_bt[:, :, None]
         o_btnh = attend(q_btnh, keys_bskh.astype(dt), values_bskh.astype(dt), mask_bts)
-        return jnp.einsum("btnh,nhd->btd", o_btnh, self.o_proj.value.astype(dt)), new_kv
+        return jnp.einsum("btnh,nhd->btd", o_btnh, self.o_proj[...].astype(dt)), new_kv
 
 
 class MLP(nnx.Module):
@@ -343,9 +343,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         dt = x_btd.dtype
-        gate_btf = jnp.einsum("btd,df->btf", x_btd, self.gate_proj.value.astype(dt))
-        up_btf = jnp.einsum("btd,df->btf", x_btd, self.up_proj.value.astype(dt))
-        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate_btf) * up_btf, self.down_proj.value.astype(dt))
+        gate_btf = jnp.einsum("btd,df->btf", x_btd, self.gate_proj[...].astype(dt))
+        up_btf = jnp.einsum("btd,df->btf", x_btd, self.up_proj[...].astype(dt))
+        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate_btf) * up_btf, self.down_proj[...].astype(dt))
 
 
 class DecoderLayer(nnx.Module):
@@ -390,7 +390,7 @@ class Qwen3(nnx.Module):
 
     def _decoder(self, tokens_bt, positions_bt, cache: KVCache | None):
         dt = resolve_dtype(self.cfg.dtype)
-        x_btd = jnp.take(self.embed.value, tokens_bt, axis=0).astype(dt)
+        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
         rope = rope_tables(positions_bt, self.cfg.head_dim, self.cfg.rope_theta)
         run = _run_layer_remat if self.cfg.remat else _run_layer
         new_k, new_v = [], []
@@ -414,9 +414,9 @@ class Qwen3(nnx.Module):
     def logits(self, h_btd: jax.Array) -> jax.Array:
         """LM head: [B, T, D] -> float32 [B, T, V], accumulated in float32 whatever the compute dtype."""
         if self.cfg.tie_word_embeddings:
-            w_vd = self.embed.value.astype(h_btd.dtype)
+            w_vd = self.embed[...].astype(h_btd.dtype)
             return jnp.einsum("btd,vd->btv", h_btd, w_vd, preferred_element_type=jnp.float32)
-        w_dv = self.lm_head.value.astype(h_btd.dtype)
+        w_dv = self.lm_head[...].astype(h_btd.dtype)
         return jnp.einsum("btd,dv->btv", h_btd, w_dv, preferred_element_type=jnp.float32)
 
     def __call__(self, tokens_bt: jax.Array) -> jax.Array:

@@ -1,0 +1,410 @@
+"""HF safetensors <-> Flax NNX Qwen3; Orbax save and restore; a CLI for both directions.
+
+    python -m distillspec_jax.models.convert --hf=PATH_OR_HUB_ID --out=ORBAX_DIR [--dtype=bfloat16]
+    python -m distillspec_jax.models.convert --to_hf --orbax=ORBAX_DIR --out=HF_DIR [--dtype=bfloat16]
+
+The table `tensor_maps(cfg)` is the single place that knows HF names; every tensor's shape is
+asserted on the way in. Weights are read from memory-mapped safetensors and each tensor goes
+straight to its NamedSharding, so a large model never sits whole on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import re
+import shutil
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from etils import epath
+from flax import nnx
+from jax.sharding import Mesh
+
+from distillspec_jax import sharding as shd
+from distillspec_jax.models import qwen3
+from distillspec_jax.models.safetensors_io import SafetensorsFile
+from distillspec_jax.models.safetensors_io import write as write_safetensors
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+ORBAX_PARAMS = "params"
+ORBAX_CONFIG = "qwen3_config.json"
+TOKENIZER_DIR = "tokenizer"
+# Files that make a folder loadable by AutoTokenizer; carried along through Orbax and back to HF.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_PATTERNS = ["*.safetensors", INDEX_FILE, CONFIG_FILE, *TOKENIZER_FILES]
+# transformers' default shard size: large exports are split with an index, as HF checkpoints are.
+MAX_SHARD_BYTES = 5 * 1024**3
+# Buffers that some older checkpoints carry and that are recomputed, not learnt.
+IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    """One HF tensor and the NNX parameter it becomes."""
+
+    hf_name: str
+    path: tuple[str | int, ...]  # path of the nnx.Param in the model's state
+    hf_shape: tuple[int, ...]
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(x):
+    return x
+
+
+def _transpose(x):
+    return x.T
+
+
+def _linear_in(out_heads: int, head_dim: int):
+    """HF q/k/v weight [X*H, D] (out, in) <-> ours [D, X, H]."""
+    return (lambda w: w.T.reshape(w.shape[1], out_heads, head_dim),
+            lambda w: w.reshape(w.shape[0], out_heads * head_dim).T)
+
+
+def _linear_out(in_heads: int, head_dim: int):
+    """HF o weight [D, N*H] (out, in) <-> ours [N, H, D]."""
+    return (lambda w: w.T.reshape(in_heads, head_dim, w.shape[0]),
+            lambda w: w.reshape(in_heads * head_dim, w.shape[2]).T)
+
+
+def tensor_maps(cfg: qwen3.Qwen3Config) -> list[TensorMap]:
+    """Every tensor of a HF Qwen3 checkpoint, in HF's naming, with its shape and transforms."""
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    maps = [TensorMap("model.embed_tokens.weight", ("embed",), (v, d), _identity, _identity),
+            TensorMap("model.norm.weight", ("norm", "weight"), (d,), _identity, _identity)]
+    if not cfg.tie_word_embeddings:
+        maps.append(TensorMap("lm_head.weight", ("lm_head",), (v, d), _transpose, _transpose))
+    q_in, k_in, o_out = _linear_in(n, h), _linear_in(k, h), _linear_out(n, h)
+    for i in range(cfg.num_hidden_layers):
+        hf, ours = f"model.layers.{i}.", ("layers", i)
+        maps += [
+            TensorMap(hf + "input_layernorm.weight", (*ours, "attn_norm", "weight"), (d,), _identity, _identity),
+            TensorMap(hf + "self_attn.q_proj.weight", (*ours, "attn", "q_proj"), (n * h, d), *q_in),
+            TensorMap(hf + "self_attn.k_proj.weight", (*ours, "attn", "k_proj"), (k * h, d), *k_in),
+            TensorMap(hf + "self_attn.v_proj.weight", (*ours, "attn", "v_proj"), (k * h, d), *k_in),
+            TensorMap(hf + "self_attn.o_proj.weight", (*ours, "attn", "o_proj"), (d, n * h), *o_out),
+            TensorMap(hf + "self_attn.q_norm.weight", (*ours, "attn", "q_norm", "weight"), (h,), _identity, _identity),
+            TensorMap(hf + "self_attn.k_norm.weight", (*ours, "attn", "k_norm", "weight"), (h,), _identity, _identity),
+            TensorMap(hf + "post_attention_layernorm.weight", (*ours, "mlp_norm", "weight"), (d,), _identity, _identity),
+            TensorMap(hf + "mlp.gate_proj.weight", (*ours, "mlp", "gate_proj"), (f, d), _transpose, _transpose),
+            TensorMap(hf + "mlp.up_proj.weight", (*ours, "mlp", "up_proj"), (f, d), _transpose, _transpose),
+            TensorMap(hf + "mlp.down_proj.weight", (*ours, "mlp", "down_proj"), (d, f), _transpose, _transpose),
+        ]
+    return maps
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding a checkpoint
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
+    """A local folder holding config.json and safetensors; hub ids are fetched with huggingface_hub.
+
+    Errors say what to do: a missing folder, an unreachable hub (pass a local folder), a checkpoint
+    that only has pickle weights (convert it to safetensors first; this project never unpickles).
+    """
+    local = pathlib.Path(path_or_hub_id).expanduser()
+    if local.is_dir():
+        folder = local
+    elif HUB_ID.match(str(path_or_hub_id)) and not str(path_or_hub_id).startswith((".", "/", "~")):
+        folder = _download(str(path_or_hub_id))
+    else:
+        raise FileNotFoundError(
+            f"checkpoint folder {str(local)!r} does not exist; pass a folder holding config.json and "
+            "*.safetensors, or a hub id such as 'Qwen/Qwen3-0.6B'"
+        )
+    if not (folder / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}; pass the folder of a HF checkpoint")
+    if not list(folder.glob("*.safetensors")):
+        pickles = [p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern)]
+        if pickles:
+            raise ValueError(
+                f"{folder} holds only pickle weights ({', '.join(sorted(pickles))}); this project loads "
+                "safetensors only and never unpickles. Convert them with a tool you trust, e.g. "
+                "transformers' model.save_pretrained(dir, safe_serialization=True)"
+            )
+        raise FileNotFoundError(f"{folder} has no *.safetensors weight files")
+    return folder
+
+
+def _download(hub_id: str) -> pathlib.Path:
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return pathlib.Path(huggingface_hub.snapshot_download(hub_id, allow_patterns=HUB_PATTERNS))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        raise ConnectionError(
+            f"cannot fetch {hub_id!r} from the Hugging Face hub ({type(err).__name__}: {str(err).splitlines()[0]}). "
+            "If this machine is offline, download the checkpoint elsewhere and pass its local folder instead "
+            "(a folder with config.json and *.safetensors), or use the offline ':tiny' preset"
+        ) from err
+
+
+def _open_weights(folder: pathlib.Path) -> dict[str, SafetensorsFile]:
+    """Tensor name -> the memory-mapped file that holds it (single file or sharded with an index)."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: SafetensorsFile(folder / name) for name in sorted(set(weight_map.values()))}
+        return {tensor: files[file] for tensor, file in weight_map.items()}
+    located = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        st = SafetensorsFile(path)
+        located.update({tensor: st for tensor in st})
+    return located
+
+
+# ----------------------------------------------------------------------------------------------
+# HF -> NNX
+# ----------------------------------------------------------------------------------------------
+
+
+def _place(array: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    if sharding is None:
+        return jax.device_put(array)
+    # Each device (of every host) receives only its own slice of the host array.
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def _assemble(cfg: qwen3.Qwen3Config, arrays: dict[tuple, jax.Array]) -> qwen3.Qwen3:
+    graphdef, state = nnx.split(qwen3.abstract_model(cfg))
+    pure = nnx.to_pure_dict(state)
+    for path, array in arrays.items():
+        node = pure
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = array
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def _target_shardings(cfg: qwen3.Qwen3Config, mesh: Mesh | None) -> dict[tuple, jax.sharding.Sharding | None]:
+    abstract_state = nnx.state(qwen3.abstract_model(cfg))
+    paths = [path for path, _ in nnx.to_flat_state(abstract_state)]
+    if mesh is None:
+        return {path: None for path in paths}
+    shardings = shd.state_shardings(abstract_state, mesh)
+    return dict(nnx.to_flat_state(shardings))
+
+
+def load_hf(
+    path_or_hub_id: str | os.PathLike,
+    dtype: str = "float32",
+    mesh: Mesh | None = None,
+    *,
+    param_dtype: str | None = None,
+    remat: bool = False,
+) -> qwen3.Qwen3:
+    """Loads a HF Qwen3 checkpoint (local folder or hub id) into the NNX model.
+
+    dtype is the compute dtype; param_dtype (default: dtype) the storage dtype. With a mesh, every
+    tensor is placed directly on its NamedSharding from `sharding.LOGICAL_RULES`.
+    """
+    param_dtype = param_dtype or dtype
+    qwen3.resolve_dtype(dtype), qwen3.resolve_dtype(param_dtype)  # bad names fail before any I/O
+    folder = resolve_checkpoint(path_or_hub_id)
+    cfg = qwen3.from_hf_config(str(folder / CONFIG_FILE), dtype=dtype, param_dtype=param_dtype, remat=remat)
+    located = _open_weights(folder)
+    maps = tensor_maps(cfg)
+    expected = {m.hf_name for m in maps}
+    if cfg.tie_word_embeddings and "lm_head.weight" in located:
+        embed, head = located["model.embed_tokens.weight"], located["lm_head.weight"]
+        if not np.array_equal(embed["model.embed_tokens.weight"], head["lm_head.weight"]):
+            raise ValueError(
+                "config says tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight; "
+                "set tie_word_embeddings=false in config.json if the head is meant to be separate"
+            )
+        expected.add("lm_head.weight")
+    unexpected = sorted(n for n in located if n not in expected and not IGNORED_TENSORS.match(n))
+    if unexpected:
+        raise ValueError(f"{folder}: tensors that a Qwen3 dense model does not have: {unexpected[:8]}")
+    np_dtype = np.dtype(qwen3.resolve_dtype(param_dtype))
+    shardings = _target_shardings(cfg, mesh)
+    arrays = {}
+    for m in maps:
+        if m.hf_name not in located:
+            raise ValueError(f"{folder}: tensor {m.hf_name} is missing from the checkpoint")
+        source = located[m.hf_name]
+        if source.shape(m.hf_name) != m.hf_shape:
+            raise ValueError(
+                f"tensor {m.hf_name} has shape {source.shape(m.hf_name)} in the checkpoint, but config.json "
+                f"implies {m.hf_shape}; the config and the weights disagree"
+            )
+        arrays[m.path] = _place(np.asarray(m.to_ours(source[m.hf_name]), dtype=np_dtype), shardings[m.path])
+    logging.info("loaded %s: %d tensors, %.1fM parameters, %s", folder, len(maps), cfg.num_params() / 1e6, param_dtype)
+    return _assemble(cfg, arrays)
+
+
+# ----------------------------------------------------------------------------------------------
+# NNX -> HF
+# ----------------------------------------------------------------------------------------------
+
+
+def _to_host(array: jax.Array) -> np.ndarray:
+    if not array.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(jax.device_get(array))
+
+
+def _write_json_atomic(path: epath.Path, obj) -> None:
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.rename(path)
+
+
+def export_hf(model: qwen3.Qwen3, out_dir: str | os.PathLike, dtype: str | None = None,
+              tokenizer_from: str | os.PathLike | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> pathlib.Path:
+    """Writes config.json and safetensors (sharded with an index when large) that transformers and vLLM load.
+
+    dtype defaults to the model's parameter dtype. Tokenizer files found in `tokenizer_from` are copied.
+    Every process must call this (sharded arrays are gathered); process 0 writes.
+    """
+    cfg = model.cfg
+    dtype = dtype or cfg.param_dtype
+    np_dtype = np.dtype(qwen3.resolve_dtype(dtype))
+    flat = {path: var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    tensors = {m.hf_name: np.ascontiguousarray(m.to_hf(_to_host(flat[m.path]).astype(np_dtype)))
+               for m in tensor_maps(cfg)}
+    out = pathlib.Path(out_dir)
+    if jax.process_index() != 0:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    shards, current, size = [], {}, 0
+    for name, arr in tensors.items():
+        if current and size + arr.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = arr
+        size += arr.nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        write_safetensors(out / "model.safetensors", shards[0])
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(out / file, shard)
+            weight_map.update({name: file for name in shard})
+        total = sum(a.nbytes for a in tensors.values())
+        _write_json_atomic(epath.Path(out / INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    hf_config = cfg.to_hf_dict()
+    hf_config["torch_dtype"] = dtype
+    _write_json_atomic(epath.Path(out / CONFIG_FILE), hf_config)
+    if tokenizer_from is not None:
+        _copy_tokenizer_files(pathlib.Path(tokenizer_from), out)
+    return out
+
+
+def _copy_tokenizer_files(src: pathlib.Path, dst: pathlib.Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Orbax
+# ----------------------------------------------------------------------------------------------
+
+
+def save_orbax(model: qwen3.Qwen3, directory: str | os.PathLike) -> epath.Path:
+    """Saves the parameters (Orbax, sharded arrays written by their owners) and the model config.
+
+    The directory may be local or gs://. An existing checkpoint there is replaced.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = epath.Path(directory)
+    if not str(directory).startswith("gs://"):
+        directory = epath.Path(os.path.abspath(directory))
+    directory.mkdir(parents=True, exist_ok=True)
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory / ORBAX_PARAMS, pure, force=True)
+        ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        _write_json_atomic(directory / ORBAX_CONFIG, dataclasses.asdict(model.cfg))
+    return directory
+
+
+def load_orbax(directory: str | os.PathLike, mesh: Mesh | None = None, **cfg_overrides) -> qwen3.Qwen3:
+    """Restores a model saved by `save_orbax`, straight onto the mesh's shardings when one is given.
+
+    cfg_overrides may change numerics that do not alter shapes (dtype, remat); the stored
+    param_dtype is what the arrays are restored as unless overridden.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = epath.Path(directory)
+    if not str(directory).startswith("gs://"):
+        directory = epath.Path(os.path.abspath(directory))
+    if not (directory / ORBAX_CONFIG).exists():
+        raise FileNotFoundError(f"{directory} holds no converted model ({ORBAX_CONFIG} missing); convert one first "
+                                "with `python -m distillspec_jax.models.convert --hf=... --out=...`")
+    cfg = qwen3.Qwen3Config(**{**json.loads((directory / ORBAX_CONFIG).read_text()), **cfg_overrides})
+    graphdef, state = nnx.split(qwen3.abstract_model(cfg))
+    if mesh is None:
+        mesh = shd.single_device_mesh()
+    shardings = shd.state_shardings(state, mesh)
+    target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                          nnx.to_pure_dict(state), nnx.to_pure_dict(shardings))
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(directory / ORBAX_PARAMS, target)
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state)
+
+
+def convert_hf_to_orbax(path_or_hub_id: str, out_dir: str, dtype: str = "float32", mesh: Mesh | None = None) -> epath.Path:
+    """Loads a HF checkpoint and saves it as Orbax, with its tokenizer files under out_dir/tokenizer."""
+    model = load_hf(path_or_hub_id, dtype=dtype, mesh=mesh)
+    out = save_orbax(model, out_dir)
+    src = resolve_checkpoint(path_or_hub_id)
+    if jax.process_index() == 0 and not str(out).startswith("gs://"):
+        tok = pathlib.Path(str(out)) / TOKENIZER_DIR
+        tok.mkdir(exist_ok=True)
+        _copy_tokenizer_files(src, tok)
+    return out
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    f = flags.FLAGS
+    if f.to_hf:
+        if not f.orbax or not f.out:
+            raise flags.IllegalFlagValueError("--to_hf needs --orbax=CONVERTED_DIR and --out=HF_DIR")
+        model = load_orbax(f.orbax)
+        tok = pathlib.Path(f.orbax) / TOKENIZER_DIR
+        out = export_hf(model, f.out, dtype=f.dtype, tokenizer_from=tok if tok.is_dir() else None)
+    else:
+        if not f.hf or not f.out:
+            raise flags.IllegalFlagValueError("give --hf=PATH_OR_HUB_ID and --out=DIR (or --to_hf --orbax=DIR --out=DIR)")
+        out = convert_hf_to_orbax(f.hf, f.out, dtype=f.dtype or "float32")
+    print(json.dumps({"written": str(out)}))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("hf", None, "HF checkpoint: a local folder or a hub id such as Qwen/Qwen3-0.6B")
+    flags.DEFINE_string("out", None, "output folder: Orbax (default direction) or HF safetensors (--to_hf)")
+    flags.DEFINE_string("dtype", None, "parameter dtype of the output: float32 | bfloat16 (default: the source's)")
+    flags.DEFINE_bool("to_hf", False, "convert an Orbax folder written by this tool back to HF safetensors")
+    flags.DEFINE_string("orbax", None, "with --to_hf: the converted Orbax folder to export")
+    app.run(main)

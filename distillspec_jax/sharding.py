@@ -1,0 +1,158 @@
+"""Device mesh, parameter partition rules, multi-host start-up and global batch assembly (design §6).
+
+Every parameter declares logical axis names where it is created (`nnx.Param(..., axes=(...))` in
+models/qwen3.py). `LOGICAL_RULES` maps those names to the mesh axes ('data', 'fsdp', 'tensor');
+nothing else in the code base writes a PartitionSpec for a weight.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both; fsdp also splits weights
+
+# Logical axis -> mesh axis. Embedding and MLP weights split their model dimension over fsdp
+# (gathered per layer in the forward pass, ZeRO-3 style) and their wide dimension over tensor;
+# attention splits heads over tensor. Norm weights and head_dim are small and stay replicated.
+LOGICAL_RULES: dict[str, str | None] = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "norm": None,
+}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over all devices (of all hosts); one size may be -1 (the rest)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1 (the rest), got data={data} fsdp={fsdp} tensor={tensor}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes must be positive or -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(
+                f"mesh sizes {dict(zip(MESH_AXES, sizes))} cannot fill {len(devices)} devices: "
+                f"{len(devices)} is not a multiple of {known}"
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"mesh sizes data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {int(np.prod(sizes))} "
+            f"do not multiply to the device count {len(devices)}; set one of them to -1 to take the rest"
+        )
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def single_device_mesh() -> Mesh:
+    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, name: str = "") -> PartitionSpec:
+    """PartitionSpec of one parameter from its logical axes; a dimension the mesh does not divide is an error."""
+    spec = []
+    for axis, size in zip(axes, shape):
+        mesh_axis = LOGICAL_RULES[axis] if axis is not None else None
+        if mesh_axis is not None and mesh.shape[mesh_axis] > 1:
+            if size % mesh.shape[mesh_axis]:
+                raise ValueError(
+                    f"parameter {name or axes}: dimension {axis!r} of size {size} does not divide over mesh axis "
+                    f"{mesh_axis!r} of size {mesh.shape[mesh_axis]}; choose mesh sizes that divide it"
+                )
+            spec.append(mesh_axis)
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """NamedSharding for every Variable of an (abstract or concrete) nnx state, from its `axes` metadata."""
+
+    def one(path, var):
+        axes = var.get_metadata().get("axes")
+        if axes is None:
+            return NamedSharding(mesh, PartitionSpec())
+        name = "/".join(str(p) for p in path)
+        return NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh, name))
+
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a [B, ...] batch: B split over ('data', 'fsdp'), other dimensions replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def check_batch_divides(global_batch: int, mesh: Mesh, what: str = "global batch") -> None:
+    """Raises before any compile when a batch cannot be split evenly over data x fsdp."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % shards:
+        raise ValueError(
+            f"{what} {global_batch} does not divide over data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} "
+            f"= {shards} batch shards; use a multiple of {shards}"
+        )
+
+
+def global_batch(local_bt: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Assembles the global [B, ...] array from this host's slice of rows (all hosts call this together).
+
+    Each host passes its own contiguous slice of B / process_count rows, in process order; on one host
+    the slice is the whole batch.
+    """
+    sharding = batch_sharding(mesh, local_bt.ndim)
+    global_shape = (local_bt.shape[0] * jax.process_count(), *local_bt.shape[1:])
+    check_batch_divides(global_shape[0], mesh)
+    return jax.make_array_from_process_local_data(sharding, local_bt, global_shape)
+
+
+def host_slice(global_rows: int) -> slice:
+    """The rows of a global batch that this host loads and feeds to `global_batch`."""
+    if global_rows % jax.process_count():
+        raise ValueError(f"global batch {global_rows} does not divide over {jax.process_count()} hosts")
+    per_host = global_rows // jax.process_count()
+    return slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
+
+
+def maybe_initialize_distributed(mode: str = "auto") -> bool:
+    """Starts jax.distributed when the launch environment asks for it; returns whether it did.
+
+    mode 'off' never starts it; 'on' always does (jax auto-detects TPU pods, SLURM and Open MPI);
+    'auto' starts it when the environment names a multi-process job: JAX_COORDINATOR_ADDRESS (with
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID), a SLURM job of several tasks, or a multi-host TPU slice.
+    Must run before anything touches the devices.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"distributed must be 'auto', 'on' or 'off', got {mode!r}")
+    if mode == "off" or jax.distributed.is_initialized():
+        return False
+    env = os.environ
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        jax.distributed.initialize(
+            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(env["JAX_NUM_PROCESSES"]),
+            process_id=int(env["JAX_PROCESS_ID"]),
+        )
+    elif mode == "on" or int(env.get("SLURM_NTASKS", "1")) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
+    else:
+        return False
+    logging.info("jax.distributed: process %d of %d, %d local devices of %d",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True

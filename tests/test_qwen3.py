@@ -1,0 +1,177 @@
+"""The Flax Qwen3 computes what transformers' PyTorch Qwen3 computes: one pass, cached decode, ragged batches."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distillspec_jax.models import convert, qwen3
+from tests.tiny import TINY_BASE, TINY_CASES, hf_logits, hf_qwen3
+
+ATOL = 1e-4  # float32 parity bound on logits (issue and design §8)
+
+
+def _tokens(batch, length, seed=0, vocab=TINY_BASE["vocab_size"]):
+    return np.random.RandomState(seed).randint(0, vocab, (batch, length))
+
+
+@pytest.mark.parametrize("case", sorted(TINY_CASES))
+@pytest.mark.parametrize("length", [1, 7, 13])
+def test_convert_matches_hf_logits(tiny_checkpoints, case, length):
+    tokens = _tokens(3, length, seed=length)
+    model = convert.load_hf(tiny_checkpoints[case])
+    ours = np.asarray(model(jnp.asarray(tokens)))
+    ref = hf_logits(tiny_checkpoints[case], tokens)
+    assert ours.dtype == np.float32 and ours.shape == ref.shape == (3, length, TINY_BASE["vocab_size"])
+    err = np.abs(ours - ref).max()
+    print(f"parity {case} T={length}: max|dlogit|={err:.2e}")
+    assert err <= ATOL
+
+
+@pytest.mark.parametrize("case", ["tied_gqa", "untied_mha"])
+def test_ragged_batch_matches_hf_with_attention_mask(tiny_checkpoints, case):
+    """Rows of different lengths, right-padded: valid positions match HF run with an attention mask."""
+    lengths = np.array([9, 4, 1, 6])
+    tokens = _tokens(4, 9, seed=3)
+    valid = np.arange(9)[None, :] < lengths[:, None]
+    tokens = np.where(valid, tokens, 0)
+    model = convert.load_hf(tiny_checkpoints[case])
+    ours = np.asarray(model(jnp.asarray(tokens)))
+    ref = hf_logits(tiny_checkpoints[case], tokens, attention_mask_bt=valid.astype(np.int64))
+    err = np.abs(ours - ref)[valid].max()
+    print(f"parity ragged {case}: max|dlogit|={err:.2e}")
+    assert err <= ATOL
+
+
+@pytest.mark.parametrize("case", ["tied_gqa", "untied_mha"])
+def test_cached_decode_equals_full_forward(tiny_checkpoints, case):
+    """Prefill of a chunk, then token-by-token and multi-token cached steps, equal one full pass (and HF)."""
+    tokens = _tokens(2, 15, seed=5)
+    model = convert.load_hf(tiny_checkpoints[case])
+    full = np.asarray(model(jnp.asarray(tokens)))
+    cache = qwen3.KVCache.init(model.cfg, batch=2, max_len=24)
+    step = jax.jit(lambda m, t, c: m.step(t, c))
+    pieces = []
+    for lo, hi in [(0, 6), (6, 7), (7, 8), (8, 11), (11, 12), (12, 15)]:
+        logits, cache = step(model, jnp.asarray(tokens[:, lo:hi]), cache)
+        pieces.append(np.asarray(logits))
+    cached = np.concatenate(pieces, axis=1)
+    assert np.asarray(cache.lengths).tolist() == [15, 15]
+    err = np.abs(cached - full).max()
+    err_hf = np.abs(cached - hf_logits(tiny_checkpoints[case], tokens)).max()
+    print(f"cached {case}: vs full {err:.2e}, vs HF {err_hf:.2e}")
+    assert err <= ATOL and err_hf <= ATOL
+
+
+def test_cached_decode_with_per_row_lengths(tiny_checkpoints):
+    """Rows at different cache lengths advance together; stale slots beyond a row's length are ignored."""
+    path = tiny_checkpoints["untied_gqa"]
+    model = convert.load_hf(path)
+    prompt_lens = np.array([5, 9, 2])
+    seqs = _tokens(3, 16, seed=11)
+    padded = np.where(np.arange(9)[None] < prompt_lens[:, None], seqs[:, :9], 7)  # garbage after each prompt
+    cache = qwen3.KVCache.init(model.cfg, batch=3, max_len=20)
+    logits, cache = model.step(jnp.asarray(padded), cache)
+    cache = cache.with_lengths(jnp.asarray(prompt_lens))
+    got = {b: [np.asarray(logits[b, prompt_lens[b] - 1])] for b in range(3)}
+    for i in range(4):  # each row feeds its own next true token
+        nxt = seqs[np.arange(3), prompt_lens + i][:, None]
+        logits, cache = model.step(jnp.asarray(nxt), cache)
+        for b in range(3):
+            got[b].append(np.asarray(logits[b, 0]))
+    assert np.asarray(cache.lengths).tolist() == (prompt_lens + 4).tolist()
+    for b in range(3):
+        want = hf_logits(path, seqs[b : b + 1, : prompt_lens[b] + 4])[0, prompt_lens[b] - 1 :]
+        assert np.abs(np.stack(got[b]) - want).max() <= ATOL
+
+
+def test_rollback_overwrites_stale_entries(tiny_checkpoints):
+    """Lowering lengths (rejected drafts) and writing new tokens gives the logits of the new sequence."""
+    path = tiny_checkpoints["tied_gqa"]
+    model = convert.load_hf(path)
+    seq_a, seq_b = _tokens(1, 10, seed=1), _tokens(1, 10, seed=2)
+    seq_b[:, :6] = seq_a[:, :6]  # shared prefix of 6, then the sequences diverge
+    cache = qwen3.KVCache.init(model.cfg, batch=1, max_len=12)
+    _, cache = model.step(jnp.asarray(seq_a), cache)
+    cache = cache.with_lengths(jnp.array([6]))  # reject the last 4 tokens of a
+    logits, cache = model.step(jnp.asarray(seq_b[:, 6:]), cache)
+    want = hf_logits(path, seq_b)[:, 6:]
+    assert np.abs(np.asarray(logits) - want).max() <= ATOL
+
+
+def test_bfloat16_compute_is_close_to_float32(tiny_checkpoints):
+    """bfloat16 parameters and compute still give float32 logits close to the float32 model."""
+    path = tiny_checkpoints["untied_gqa"]
+    tokens = jnp.asarray(_tokens(2, 8))
+    ref = np.asarray(convert.load_hf(path)(tokens))
+    bf16 = convert.load_hf(path, dtype="bfloat16")
+    mixed = convert.load_hf(path, dtype="bfloat16", param_dtype="float32")
+    assert bf16.embed[...].dtype == jnp.bfloat16 and mixed.embed[...].dtype == jnp.float32
+    for model in (bf16, mixed):
+        out = model(tokens)
+        assert out.dtype == jnp.float32
+        # bfloat16 keeps ~3 significant digits; logits here are O(1).
+        assert np.abs(np.asarray(out) - ref).max() < 0.1
+        assert np.mean(np.argmax(np.asarray(out), -1) == np.argmax(ref, -1)) > 0.9
+
+
+def test_mask_padding_vocab_removes_padding_rows():
+    logits = jnp.arange(12, dtype=jnp.float32).reshape(2, 6)
+    masked = qwen3.mask_padding_vocab(logits, real_vocab_size=4)
+    probs = jax.nn.softmax(masked, axis=-1)
+    assert np.all(np.asarray(probs)[:, 4:] == 0.0)
+    assert np.allclose(np.asarray(probs).sum(-1), 1.0)
+    assert np.array_equal(np.asarray(masked)[:, :4], np.asarray(logits)[:, :4])
+
+
+def test_presets_match_published_shapes():
+    """Parameter counts of the presets agree with the published sizes (non-embedding and total)."""
+    published_total = {"Qwen3-0.6B": 0.6e9, "Qwen3-1.7B": 1.7e9, "Qwen3-4B": 4.0e9, "Qwen3-8B": 8.2e9,
+                       "Qwen3-14B": 14.8e9, "Qwen3-32B": 32.8e9}
+    for name, total in published_total.items():
+        cfg = qwen3.preset(name)
+        assert cfg.real_vocab_size == 151669 and cfg.vocab_size == 151936
+        assert abs(cfg.num_params() - total) / total < 0.05, (name, cfg.num_params())
+    assert qwen3.preset("Qwen/Qwen3-8B").tie_word_embeddings is False
+    assert qwen3.preset("Qwen3-0.6B").tie_word_embeddings is True
+    with pytest.raises(ValueError, match="unknown Qwen3 preset"):
+        qwen3.preset("Qwen3-7B")
+
+
+def test_from_hf_config_reads_both_rope_layouts_and_rejects_other_models(tmp_path):
+    base = {**TINY_BASE, "model_type": "qwen3", "num_attention_heads": 4, "num_key_value_heads": 2}
+    old = {**base, "rope_theta": 5000.0}
+    new = {**{k: v for k, v in base.items() if k != "rope_theta"},
+           "rope_parameters": {"rope_theta": 7000.0, "rope_type": "default"}}
+    assert qwen3.from_hf_config(old).rope_theta == 5000.0
+    assert qwen3.from_hf_config(new).rope_theta == 7000.0
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    assert qwen3.from_hf_config(str(path)).hidden_size == TINY_BASE["hidden_size"]
+    with pytest.raises(ValueError, match="model_type is 'llama'"):
+        qwen3.from_hf_config({**old, "model_type": "llama"})
+    with pytest.raises(ValueError, match="RoPE scaling"):
+        qwen3.from_hf_config({**old, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        qwen3.from_hf_config(old, dtype="fp8")
+
+
+@pytest.mark.slow
+def test_real_qwen3_0_6b_shape_matches_hf(tmp_path):
+    """One parity run at the exact Qwen3-0.6B shape (random weights, real vocabulary and head layout)."""
+    cfg = qwen3.preset("Qwen3-0.6B").to_hf_dict()
+    fields = {k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                  "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings",
+                                  "max_position_embeddings", "rope_theta")}
+    hf = hf_qwen3(seed=0, **fields)
+    hf.save_pretrained(tmp_path)
+    tokens = _tokens(2, 6, vocab=151669)
+    ref = hf_logits(hf, tokens)
+    del hf
+    model = convert.load_hf(tmp_path)
+    assert model.cfg == qwen3.preset("Qwen3-0.6B")
+    err = np.abs(np.asarray(model(jnp.asarray(tokens))) - ref).max()
+    print(f"parity Qwen3-0.6B shape: max|dlogit|={err:.2e}")
+    assert err <= ATOL
