@@ -31,7 +31,7 @@ import pathlib
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Final
 
 import tokenizers
@@ -54,6 +54,7 @@ __all__ = [
     "qwen3_cache_dir",
     "qwen3_vocab_file",
     "read_tiktoken_ranks",
+    "train_small_tokenizer",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -387,6 +388,58 @@ def _byte_to_unicode() -> dict[int, str]:
     return table
 
 
+def _with_qwen3_pretokenization(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """Qwen3's text pipeline around a byte-level BPE model: NFC, the split regex, bytes to the alphabet."""
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(
+                tokenizers.Regex(QWEN3_SPLIT_PATTERN), behavior="isolated", invert=False
+            ),
+            # The split regex already cut the words; ByteLevel only maps bytes to the alphabet.
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    backend.post_processor = processors.ByteLevel(
+        add_prefix_space=False, trim_offsets=False, use_regex=False
+    )
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+# The chat control tokens a small trained tokenizer needs for Qwen3's chat template and padding.
+SMALL_SPECIAL_TOKENS: Final[tuple[str, ...]] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def train_small_tokenizer(texts: Iterable[str], vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+    """Trains a byte-level BPE with Qwen3's pre-tokenisation on `texts` (deterministic for fixed input).
+
+    The result is a Qwen3-style tokenizer in miniature: the same regex and byte alphabet, the chat
+    control tokens at ids 0..2 and Qwen3's chat template, so every task template works with it.
+    The embedded offline default (`:tiny`) trains one on the standard library's source.
+    """
+    backend = _with_qwen3_pretokenization(tokenizers.Tokenizer(tokenizers.models.BPE(
+        unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False)))
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SMALL_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable, whatever the corpus
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        chat_template=QWEN3_CHAT_TEMPLATE,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=False,
+    )
+
+
 def build_qwen3_tokenizer(
     vocab_file: str | os.PathLike[str] | None = None,
 ) -> transformers.PreTrainedTokenizerFast:
@@ -421,21 +474,7 @@ def build_qwen3_tokenizer(
         # Qwen's tokenizer.json applies merges even when a whole word is in the vocabulary.
         ignore_merges=False,
     )
-    backend = tokenizers.Tokenizer(model)
-    backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(
-                tokenizers.Regex(QWEN3_SPLIT_PATTERN), behavior="isolated", invert=False
-            ),
-            # The split regex already cut the words; ByteLevel only maps bytes to the alphabet.
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ]
-    )
-    backend.post_processor = processors.ByteLevel(
-        add_prefix_space=False, trim_offsets=False, use_regex=False
-    )
-    backend.decoder = decoders.ByteLevel()
+    backend = _with_qwen3_pretokenization(tokenizers.Tokenizer(model))
 
     # One at a time, in id order, so each lands on its published id.
     for expected_id, (content, special) in enumerate(QWEN3_SPECIAL_TOKENS, start=QWEN3_NUM_BPE_TOKENS):
