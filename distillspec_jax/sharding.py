@@ -143,6 +143,7 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
     if mode == "off" or jax.distributed.is_initialized():
         return False
     env = os.environ
+    _ensure_cpu_collectives()
     if "JAX_COORDINATOR_ADDRESS" in env:
         jax.distributed.initialize(
             coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
@@ -156,3 +157,49 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
     logging.info("jax.distributed: process %d of %d, %d local devices of %d",
                  jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
     return True
+
+
+def _ensure_cpu_collectives() -> None:
+    """Cross-process collectives on CPU need an implementation (gloo); without one, a multi-process CPU
+    run fails at its first all-reduce. jax 0.10 defaults to gloo; an explicit 'none' is overridden here,
+    which changes nothing on GPU and TPU hosts (the setting only concerns the CPU client)."""
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def global_batch_dict(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """`global_batch` for every array of a batch dict (this host's rows of each)."""
+    return {key: global_batch(np.asarray(value), mesh) for key, value in local.items()}
+
+
+def place(tree, shardings):
+    """Puts a pytree of arrays onto matching shardings (possibly spanning several hosts).
+
+    Every host must hold the same values (e.g. the same seed): each device receives its slice of the
+    host copy. Arrays already carrying exactly these shardings are kept as they are; an equivalent but
+    differently named sharding (a SingleDeviceSharding for a 1-device NamedSharding) is replaced, since
+    jit caches on the sharding and would compile a step twice.
+    """
+
+    def one(x, sharding):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        if sharding.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def to_host(tree):
+    """NumPy copies of a pytree of (possibly multi-host) arrays; every process must call it."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)

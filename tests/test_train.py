@@ -1,0 +1,292 @@
+"""The train step and loop: gradient accumulation equals the big batch, exact resume after a crash,
+SIGTERM leaves a checkpoint that resumes, a NaN loss stops with the last good checkpoint kept, the
+divergences go down when a tiny draft is distilled toward a tiny target, and bad settings fail before
+anything compiles."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from distillspec_jax import sharding as shd
+from distillspec_jax import tracking, train
+from tests import distill_helpers as h
+from tests import sigterm_worker
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _losses(workdir: pathlib.Path) -> dict[int, float]:
+    records = tracking.read_metrics(workdir / tracking.METRICS_FILE)
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"duplicated metrics lines: {steps}"
+    return {r["step"]: r["loss"] for r in records}
+
+
+def _assert_params_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray], atol: float = 0.0) -> float:
+    assert a.keys() == b.keys()
+    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    assert worst <= atol, f"parameters differ by {worst}"
+    return worst
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient accumulation
+# ----------------------------------------------------------------------------------------------
+
+
+def test_grad_accumulation_equals_big_batch():
+    """Two micro-batches of 8 rows give the gradient and metrics of one 16-row batch (on a 2x2x2 mesh),
+    AdaSPEC's top-k selection over the whole global batch included. The step applies the optimizer to
+    exactly this gradient (`Distiller.gradients` is the step's own gradient function)."""
+    mesh = shd.make_mesh(2, 2, 2)
+    batch = h.synthetic_batch(0, 16, 16)
+    divergence, fraction = "jsd", 0.4
+    grads, metrics = {}, {}
+    for accum in (1, 2):
+        cfg = train.TrainConfig(divergence=divergence, adaspec_fraction=fraction, loss_chunk=5, grad_accum_steps=accum)
+        distiller = train.Distiller(cfg, h.make_draft(), h.make_target(), mesh, reference=h.make_draft(2))
+        g, m = distiller.gradients(distiller.init_state().params, distiller.global_batch(batch))
+        grads[accum], metrics[accum] = h.params_to_numpy(g), {k: float(v) for k, v in m.items()}
+    print(f"accumulated vs big batch: {metrics[2]} vs {metrics[1]}")
+    assert metrics[2].keys() == metrics[1].keys()
+    for key in metrics[1]:
+        np.testing.assert_allclose(metrics[2][key], metrics[1][key], rtol=1e-5, err_msg=key)
+    scale = max(float(np.abs(g).max()) for g in grads[1].values())
+    worst = _assert_params_equal(grads[2], grads[1], atol=1e-5 * scale)
+    print(f"max gradient difference {worst:.2e} (largest gradient entry {scale:.2e})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, resume, SIGTERM, NaN
+# ----------------------------------------------------------------------------------------------
+
+LOOP_CFG = train.TrainConfig(divergence="fkl", learning_rate=1e-2, warmup_steps=2, total_steps=6, loss_chunk=8,
+                             checkpoint_every=3, keep_checkpoints=2, log_every=1)
+LOOP_BATCH, LOOP_SEQ = 4, 16
+
+
+def _distiller(cfg: train.TrainConfig = LOOP_CFG) -> train.Distiller:
+    return train.Distiller(cfg, h.make_draft(), h.make_target(), shd.single_device_mesh())
+
+
+def test_resume_after_crash_is_exact(tmp_path):
+    straight = train.run(LOOP_CFG, _distiller(), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ), tmp_path / "straight")
+    assert straight.step == 6 and not straight.preempted
+
+    # The source fails while fetching the batch of step 5: steps 1-4 ran and were logged, the last
+    # checkpoint is step 3. Step 4 is lost and must be recomputed identically.
+    crashed = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.run(LOOP_CFG, _distiller(), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ, fail_at=4), crashed)
+    assert sorted(_losses(crashed)) == [1, 2, 3, 4]
+    assert train.Checkpointer(crashed, 2).latest_step() == 3
+
+    # The resumed run's seed is different: the data RNG must come from the checkpoint, not the config.
+    resumed = train.run(dataclasses.replace(LOOP_CFG, seed=LOOP_CFG.seed + 1), _distiller(),
+                        h.SyntheticSource(LOOP_BATCH, LOOP_SEQ), crashed)
+    assert (resumed.step, resumed.data_position) == (6, 6)
+    want, got = _losses(tmp_path / "straight"), _losses(crashed)
+    print(f"straight losses {[want[s] for s in sorted(want)]}\nresumed losses  {[got[s] for s in sorted(got)]}")
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]  # each step once: the crashed run's step 4 line was replaced
+    assert got == want
+    _assert_params_equal(h.params_to_numpy(resumed.state.params), h.params_to_numpy(straight.state.params))
+    # keep_checkpoints=2: steps 3 and 6 remain.
+    assert train.Checkpointer(crashed, 2).manager.all_steps() == [3, 6]
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
+    workdir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.sigterm_worker", str(workdir)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(tracking.read_metrics(workdir / tracking.METRICS_FILE)) < 2:
+            assert proc.poll() is None, f"worker exited early: {proc.communicate()[1][-3000:]}"
+            assert time.monotonic() < deadline, "worker made no progress"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    stopped = result["step"]
+    assert result["preempted"] and 2 <= stopped < 1000
+    # checkpoint_every is 1000: this checkpoint can only come from the signal handler.
+    assert train.Checkpointer(workdir, 2).latest_step() == stopped
+
+    cfg = train.TrainConfig(**{**sigterm_worker.SIGTERM_CFG, "total_steps": stopped + 2})
+    resumed = train.run(cfg, _distiller(cfg), h.SyntheticSource(sigterm_worker.BATCH, sigterm_worker.SEQ), workdir)
+    assert (resumed.step, resumed.data_position, resumed.preempted) == (stopped + 2, stopped + 2, False)
+    assert sorted(_losses(workdir)) == list(range(1, stopped + 3))
+
+
+def test_data_source_sees_the_current_draft(tmp_path):
+    """The on-policy hook: at each position the source gets the draft with the parameters of all the
+    steps so far (what an on-policy generator samples from)."""
+    seen = []
+
+    def source(position, context):
+        while True:
+            seen.append(h.params_to_numpy(nnx.to_pure_dict(nnx.state(context.draft()))))
+            yield h.synthetic_batch(position, LOOP_BATCH, LOOP_SEQ)
+            position += 1
+
+    cfg = dataclasses.replace(LOOP_CFG, total_steps=3, checkpoint_every=2)
+    distiller = _distiller(cfg)
+    initial = h.params_to_numpy(nnx.to_pure_dict(nnx.state(h.make_draft())))
+    result = train.run(cfg, distiller, source, tmp_path)
+    assert len(seen) == 3
+    _assert_params_equal(seen[0], initial)
+    after_two = train.Checkpointer(tmp_path, 2).restore(distiller.abstract_state(), step=2)[1]
+    _assert_params_equal(seen[2], h.params_to_numpy(after_two.params))
+    assert np.abs(seen[2]["embed"] - seen[1]["embed"]).max() > 0
+    assert result.step == 3
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = dataclasses.replace(LOOP_CFG, checkpoint_every=2)
+    with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss at step 5: loss=nan.*checkpoint is step 4"):
+        train.run(cfg, _distiller(cfg), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ, nan_at=4), tmp_path)
+    checkpointer = train.Checkpointer(tmp_path, 2)
+    assert checkpointer.latest_step() == 4
+    assert sorted(_losses(tmp_path)) == [1, 2, 3, 4]
+    step, state, position, _ = checkpointer.restore(_distiller(cfg).abstract_state())
+    assert (step, position) == (4, 4)
+    assert all(np.isfinite(x).all() for x in h.params_to_numpy(state.params).values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning
+# ----------------------------------------------------------------------------------------------
+
+LEARN_STEPS, LEARN_BATCH, LEARN_SEQ = 300, 16, 16
+EVAL_POSITION = 10**6  # a batch the training stream never yields
+
+
+def _distill(divergence: str, fraction: float | None = None, reference=None):
+    """Distils a fresh 1-layer draft toward the 2-layer target; (metrics before, after, trained draft)."""
+    cfg = train.TrainConfig(divergence=divergence, adaspec_fraction=fraction, learning_rate=3e-3, warmup_steps=20,
+                            total_steps=LEARN_STEPS, loss_chunk=8)
+    distiller = train.Distiller(cfg, h.make_draft(), h.make_target(), shd.single_device_mesh(), reference)
+    state = distiller.init_state()
+    eval_batch = distiller.global_batch(h.synthetic_batch(EVAL_POSITION, 64, LEARN_SEQ))
+    before = {k: float(v) for k, v in distiller.evaluate(state.params, eval_batch).items()}
+    stream = h.SyntheticSource(LEARN_BATCH, LEARN_SEQ)(0, None)
+    for _ in range(LEARN_STEPS):
+        state, _ = distiller.step(state, distiller.global_batch(next(stream)))
+    after = {k: float(v) for k, v in distiller.evaluate(state.params, eval_batch).items()}
+    return before, after, distiller.draft_model(state.params)
+
+
+@pytest.fixture(scope="module")
+def fkl_run():
+    """FKL distillation; its draft is also AdaSPEC's reference (same init, distilled with FKL)."""
+    return _distill("fkl")
+
+
+@pytest.mark.parametrize("name", ["fkl", "rkl", "jsd", "tvd", "adaspec"])
+def test_distillation_lowers_divergence_and_raises_acceptance(name, fkl_run):
+    if name == "fkl":
+        before, after, _ = fkl_run
+    elif name == "adaspec":
+        before, after, _ = _distill("fkl", fraction=0.4, reference=fkl_run[2])
+    else:
+        before, after, _ = _distill(name)
+    print(f"\n{name}: divergence {before['divergence']:.4f} -> {after['divergence']:.4f}, "
+          f"1 - TVD {before['acceptance']:.4f} -> {after['acceptance']:.4f} ({LEARN_STEPS} steps, held-out batch)")
+    assert after["divergence"] < 0.6 * before["divergence"]
+    assert after["acceptance"] > before["acceptance"] + 0.15
+
+
+def test_bfloat16_target_runs_close_to_float32():
+    """The default target numerics (bfloat16 compute) give nearly the float32 loss."""
+    cfg = train.TrainConfig(divergence="fkl", loss_chunk=8, warmup_steps=0)
+    mesh = shd.single_device_mesh()
+    batch = h.synthetic_batch(0, 8, 16)
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        target = h.make_target(cfg=h.TARGET_CFG.replace(dtype=dtype))
+        distiller = train.Distiller(cfg, h.make_draft(), target, mesh)
+        state = distiller.init_state()
+        losses[dtype] = float(distiller.evaluate(state.params, distiller.global_batch(batch))["loss"])
+    print(f"FKL with a float32 target {losses['float32']:.5f}, bfloat16 target {losses['bfloat16']:.5f}")
+    assert losses["bfloat16"] != losses["float32"]
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings and errors
+# ----------------------------------------------------------------------------------------------
+
+
+def test_learning_rate_schedule_warmup_and_cosine_floor():
+    cfg = train.TrainConfig(learning_rate=2e-3, warmup_steps=10, total_steps=110, end_lr_fraction=0.1)
+    lr = train.learning_rate_schedule(cfg)
+    np.testing.assert_allclose([float(lr(0)), float(lr(5)), float(lr(10))], [0.0, 1e-3, 2e-3], rtol=1e-6)
+    np.testing.assert_allclose(float(lr(60)), 2e-3 * (0.1 + 0.9 * 0.5), rtol=1e-5)  # half way down the cosine
+    np.testing.assert_allclose(float(lr(110)), 2e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"divergence": "kld"}, "unknown divergence 'kld'; choose one of"),
+    ({"divergence": "jsd", "jsd_beta": 2.0}, r"jsd_beta must be in \[0, 1\]"),
+    ({"adaspec_fraction": 0.0}, r"adaspec_fraction must be in \(0, 1\]"),
+    ({"adaspec_fraction": 1.5}, r"adaspec_fraction must be in \(0, 1\]"),
+    ({"temperature": 0.0}, "temperature must be > 0"),
+    ({"grad_accum_steps": 0}, "grad_accum_steps must be >= 1"),
+    ({"warmup_steps": 20, "total_steps": 10}, "warmup_steps must be in"),
+])
+def test_bad_train_config_raises(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        train.TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize("change", [dict(vocab_size=128), dict(num_real_tokens=h.REAL_VOCAB - 1)],
+                         ids=["vocab_size", "real_vocab_size"])
+def test_different_vocabularies_raise(change):
+    target = h.make_target(cfg=h.TARGET_CFG.replace(**change))
+    with pytest.raises(ValueError, match="different vocabularies"):
+        train.Distiller(train.TrainConfig(), h.make_draft(), target, shd.single_device_mesh())
+
+
+def test_adaspec_without_reference_raises():
+    with pytest.raises(ValueError, match="needs the reference draft"):
+        train.Distiller(train.TrainConfig(adaspec_fraction=0.4), h.make_draft(), h.make_target(),
+                        shd.single_device_mesh())
+
+
+def test_batch_that_does_not_divide_raises_before_compiling():
+    mesh = shd.make_mesh(4, 2, 1)
+    distiller = train.Distiller(train.TrainConfig(grad_accum_steps=2), h.make_draft(), h.make_target(), mesh)
+    bad = {"tokens": np.zeros((12, 8), np.int32), "loss_mask": np.zeros((12, 8), np.float32)}
+    with pytest.raises(ValueError, match=r"global batch 12 does not divide over data x fsdp = 4 x 2"):
+        distiller.global_batch(bad)
+    # 24 rows divide over 8 shards, but each of the 2 micro-batches would have 12.
+    with pytest.raises(ValueError, match=r"micro-batch \(global batch / 2\) 12 does not divide"):
+        distiller.check_batch({"tokens": np.zeros((24, 8), np.int32), "loss_mask": np.zeros((24, 8), np.float32)})
+    with pytest.raises(ValueError, match="does not split into grad_accum_steps=2"):
+        distiller.check_batch({"tokens": np.zeros((9, 8), np.int32), "loss_mask": np.zeros((9, 8), np.float32)})
+    with pytest.raises(ValueError, match="batch lacks"):
+        distiller.check_batch({"tokens": np.zeros((16, 8), np.int32)})
+    assert distiller._step._cache_size() == 0  # nothing was compiled
+
+
+def test_mesh_that_does_not_fill_the_devices_raises():
+    with pytest.raises(ValueError, match="do not multiply to the device count 8"):
+        shd.make_mesh(2, 2, 1)
+    with pytest.raises(ValueError, match="8 is not a multiple of 3"):
+        shd.make_mesh(-1, 3, 1)
