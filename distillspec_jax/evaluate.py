@@ -1,0 +1,303 @@
+"""Evaluation of a draft/target pair for speculative decoding (design §5): measured and predicted speedup,
+analytic acceptance, and γ sweeps.
+
+Every function returns plain Python numbers (JSON-serialisable) so `main.py` can call them for the
+draft before and after distillation, at each temperature, and write them to results.json.
+
+  measured speedup   = wall time of target-only decoding / wall time of speculative decoding, same prompts,
+                       budget, sampler and EOS ids, both compiled and warmed up, median of a few runs.
+  c                  = one draft decode step / one target decode step (single-token cached steps, compiled).
+  predicted speedup  = τ / (γ·c + 1).
+  analytic α̂         = mean over positions of target-sampled continuations of Σ_v min(p, q) = 1 − TVD(p, q);
+  τ̂                  = (1 − α̂^(γ+1)) / (1 − α̂).
+
+Dimension letters (style.md): B batch, S sequence positions, C chunks of positions, D model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from distillspec_jax import generate as gen
+from distillspec_jax import sampling
+from distillspec_jax import speculative as spec
+from distillspec_jax.models import qwen3
+from distillspec_jax.sampling import Sampler
+
+TIMING_RUNS = 5  # timed repetitions; the median is reported
+WARMUP_RUNS = 1  # untimed calls first: compilation and first-touch allocation
+STEPS_PER_TIMING = 16  # cached decode steps inside one timed call of the step benchmark (amortises dispatch)
+POSITION_CHUNK = 128  # positions whose [B, chunk, V] distributions exist at once in the analytic acceptance
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed forms
+# ----------------------------------------------------------------------------------------------
+
+
+def expected_block_efficiency(alpha: float, gamma: int) -> float:
+    """τ̂ = (1 − α^(γ+1)) / (1 − α): the mean block length when each draft token is accepted independently
+    with probability α (the limit γ + 1 at α = 1)."""
+    if alpha >= 1.0:
+        return float(gamma + 1)
+    return float((1.0 - alpha ** (gamma + 1)) / (1.0 - alpha))
+
+
+def predicted_speedup(block_efficiency: float, gamma: int, cost_ratio: float, verify_ratio: float = 1.0) -> float:
+    """τ / (γ·c + v): one block costs γ draft steps and one target call of v target steps (v = 1 in design §5)."""
+    return float(block_efficiency / (gamma * cost_ratio + verify_ratio))
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+
+
+def median_seconds(fn: Callable[[], Any], runs: int = TIMING_RUNS, warmup: int = WARMUP_RUNS) -> tuple[float, Any]:
+    """(median wall seconds over `runs` calls, the last output). Each call is waited for with block_until_ready,
+    so asynchronous dispatch does not hide the work; warm-up calls compile and are not timed."""
+    out = None
+    for _ in range(warmup):
+        out = jax.block_until_ready(fn())
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), out
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("steps", "tokens_per_step"))
+def _decode_steps(graphdef, state, cache: qwen3.KVCache, first_b: jax.Array, *, steps: int,
+                  tokens_per_step: int) -> jax.Array:
+    """`steps` cached decode steps of `tokens_per_step` tokens each, feeding the argmax back (so no step is dead
+    code). Every step starts at the same cache length: attention reads all S slots whatever the length, so the
+    cost is that of a step at any position, and the cache never runs out."""
+    model = nnx.merge(graphdef, state)
+
+    def one(_, carry):
+        cache_i, tokens_b = carry
+        tokens_bt = jnp.broadcast_to(tokens_b[:, None], (tokens_b.shape[0], tokens_per_step))
+        logits_btv, cache_i = model.step(tokens_bt, cache_i)
+        # The cache is carried (updated in place, as in the decode loops) but rewound to its start length.
+        return cache_i.with_lengths(cache.lengths), jnp.argmax(logits_btv[:, -1], axis=-1).astype(jnp.int32)
+
+    return jax.lax.fori_loop(0, steps, one, (cache, first_b))[1]
+
+
+def decode_step_seconds(model: qwen3.Qwen3, batch: int, cache_len: int, runs: int = TIMING_RUNS,
+                        steps: int = STEPS_PER_TIMING, tokens_per_step: int = 1) -> float:
+    """Median wall seconds of one cached decode step of `tokens_per_step` tokens (1: a decode step; γ + 1: the
+    target's verification call) at batch `batch` with a `cache_len`-slot cache."""
+    if not 1 <= tokens_per_step <= cache_len:
+        raise ValueError(f"tokens_per_step={tokens_per_step} must be in [1, cache_len={cache_len}]")
+    graphdef, state = nnx.split(model)
+    cache = qwen3.KVCache.init(model.cfg, batch, cache_len)
+    first_b = jnp.zeros((batch,), jnp.int32)
+    seconds, _ = median_seconds(
+        lambda: _decode_steps(graphdef, state, cache, first_b, steps=steps, tokens_per_step=tokens_per_step), runs=runs)
+    return seconds / steps
+
+
+def cost_ratio(target: qwen3.Qwen3, draft: qwen3.Qwen3, batch: int, cache_len: int,
+               runs: int = TIMING_RUNS) -> dict[str, float]:
+    """c = draft step time / target step time, both single-token steps measured the same way."""
+    target_s = decode_step_seconds(target, batch, cache_len, runs)
+    draft_s = decode_step_seconds(draft, batch, cache_len, runs)
+    return {"target_step_s": target_s, "draft_step_s": draft_s, "cost_ratio": draft_s / target_s}
+
+
+def verify_cost_ratio(target: qwen3.Qwen3, gamma: int, batch: int, cache_len: int, runs: int = TIMING_RUNS,
+                      target_step_s: float | None = None) -> float:
+    """Time of the target's (γ + 1)-token verification call / its single-token step. The predicted speedup
+    τ / (γ·c + 1) takes this as 1, which holds where decoding is memory-bound (accelerators); on a CPU the
+    call costs more, and τ / (γ·c + this) is the better prediction."""
+    if target_step_s is None:
+        target_step_s = decode_step_seconds(target, batch, cache_len, runs)
+    return decode_step_seconds(target, batch, cache_len, runs, tokens_per_step=gamma + 1) / target_step_s
+
+
+# ----------------------------------------------------------------------------------------------
+# Analytic acceptance
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("sampler", "chunk"))
+def _acceptance_sum(target_graphdef, draft_graphdef, target_state, draft_state, sequences_bs, predicts_bs, *,
+                    sampler: Sampler, chunk: int) -> jax.Array:
+    """Σ over positions where predicts_bs is True of Σ_v min(p, q), computed chunk by chunk over positions so
+    that only [B, chunk, V] distributions of each model exist at once (V dominates memory, design §3)."""
+    target = nnx.merge(target_graphdef, target_state)
+    draft = nnx.merge(draft_graphdef, draft_state)
+    real_v = target.cfg.real_vocab_size
+    h_target_bsd, h_draft_bsd = target.hidden_states(sequences_bs), draft.hidden_states(sequences_bs)
+    b, s = predicts_bs.shape
+    num_chunks = -(-s // chunk)
+    pad = num_chunks * chunk - s
+
+    def to_chunks(x):  # [B, S, ...] -> [C, B, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape(b, num_chunks, chunk, *x.shape[2:]), 0, 1)
+
+    def one_chunk(total, xs):
+        h_t_btd, h_d_btd, predicts_bt = xs
+        # softmax(filtered_logits): the sampler's temperature and top-k/top-p; temperature 1 when greedy.
+        p_btv = jax.nn.softmax(sampling.filtered_logits(target.logits(h_t_btd), sampler, real_v), axis=-1)
+        q_btv = jax.nn.softmax(sampling.filtered_logits(draft.logits(h_d_btd), sampler, real_v), axis=-1)
+        # 1 − TVD rather than Σ min(p, q): equal when both sum to 1, and exactly 1 when p and q are identical.
+        beta_bt = 1.0 - 0.5 * jnp.sum(jnp.abs(p_btv - q_btv), axis=-1)
+        return total + jnp.sum(jnp.where(predicts_bt, beta_bt, 0.0)), None
+
+    total, _ = jax.lax.scan(one_chunk, jnp.zeros((), jnp.float32),
+                            (to_chunks(h_target_bsd), to_chunks(h_draft_bsd), to_chunks(predicts_bs)))
+    return total
+
+
+def acceptance_from_sequences(target: qwen3.Qwen3, draft: qwen3.Qwen3, sequences_bs, response_mask_bs,
+                              sampler: Sampler, chunk: int = POSITION_CHUNK) -> dict[str, float | int]:
+    """α̂ over given sequences: the mean of β = Σ_v min(p, q) = 1 − TVD(p, q) over every position whose next
+    token is a response token (the positions where a draft would propose).
+
+    sequences_bs / response_mask_bs: [B, S] as returned by `generate(..., return_sequences=True)`.
+    Distributions use the sampler's filters; a greedy sampler is scored at temperature 1 (the argmax
+    acceptance 1[argmax p = argmax q] is too coarse per position, and temperature 1 is where a distilled
+    draft's distribution is trained to match), so α̂ at temperature 0 is an estimate, not the exact rate.
+    """
+    spec.check_pair(target, draft)
+    response_mask_bs = jnp.asarray(response_mask_bs, bool)
+    # Position s predicts token s + 1.
+    predicts_bs = jnp.concatenate([response_mask_bs[:, 1:], jnp.zeros_like(response_mask_bs[:, :1])], axis=1)
+    count = int(jnp.sum(predicts_bs))
+    if count == 0:
+        raise ValueError("no response positions to score: response_mask is all False")
+    tg, ts = nnx.split(target)
+    dg, ds = nnx.split(draft)
+    total = _acceptance_sum(tg, dg, ts, ds, jnp.asarray(sequences_bs, jnp.int32), predicts_bs, sampler=sampler,
+                            chunk=min(chunk, predicts_bs.shape[1]))
+    return {"alpha_hat": float(total) / count, "num_positions": count}
+
+
+def analytic_acceptance(target: qwen3.Qwen3, draft: qwen3.Qwen3, prompts_bt, prompt_lens_b, max_new_tokens: int,
+                        sampler: Sampler, rng: jax.Array, *, eos_ids: int | Iterable[int] | None = ()) -> dict[str, float | int]:
+    """α̂ on continuations the target samples with `sampler` (greedy ones when greedy), one forward pass of
+    each model over prompt + continuation. See `acceptance_from_sequences`."""
+    out = gen.generate(target, prompts_bt, prompt_lens_b, max_new_tokens, sampler, rng, eos_ids=eos_ids,
+                       return_sequences=True)
+    return acceptance_from_sequences(target, draft, out.sequences, out.response_mask, sampler)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measured speedup and γ sweeps
+# ----------------------------------------------------------------------------------------------
+
+
+def target_decode_seconds(target: qwen3.Qwen3, prompts_bt, prompt_lens_b, max_new_tokens: int, sampler: Sampler,
+                          rng: jax.Array, *, eos_ids=(), runs: int = TIMING_RUNS) -> dict[str, float | int]:
+    """The baseline: median wall time of target-only autoregressive decoding (compiled, warmed up)."""
+    seconds, out = median_seconds(
+        lambda: gen.generate(target, prompts_bt, prompt_lens_b, max_new_tokens, sampler, rng, eos_ids=eos_ids),
+        runs=runs)
+    return {"target_time_s": seconds, "target_tokens": int(np.sum(out.lengths))}
+
+
+def measure_speculative(target: qwen3.Qwen3, draft: qwen3.Qwen3, prompts_bt, prompt_lens_b, gamma: int,
+                        max_new_tokens: int, sampler: Sampler, rng: jax.Array, *, eos_ids=(),
+                        runs: int = TIMING_RUNS, target_time_s: float | None = None,
+                        cost: float | None = None, verify_ratio: float | None = None,
+                        alpha_hat: float | None = None) -> dict[str, Any]:
+    """One γ: the run's statistics (`speculative.summarize`), its median wall time (runs = 0 skips timing), and,
+    when given, the measured speedup against `target_time_s`, the predicted speedup from c = `cost` (also with
+    the measured verification cost `verify_ratio`), and τ̂ from `alpha_hat`."""
+    call = functools.partial(spec.speculative_generate, target, draft, prompts_bt, prompt_lens_b, gamma,
+                             max_new_tokens, sampler, rng, eos_ids=eos_ids)
+    seconds, out = median_seconds(call, runs=runs) if runs > 0 else (None, call())
+    return _sweep_entry(gamma, sampler, spec.summarize(out.stats), seconds, target_time_s, cost, verify_ratio,
+                        alpha_hat)
+
+
+PromptBatch = tuple[Any, Any]  # (prompts_bt [B, T] right-padded ids, prompt_lens_b [B])
+
+
+def analytic_acceptance_batches(target: qwen3.Qwen3, draft: qwen3.Qwen3, batches: Sequence[PromptBatch],
+                                max_new_tokens: int, sampler: Sampler, rng: jax.Array, *,
+                                eos_ids=()) -> dict[str, float | int]:
+    """α̂ over several prompt batches: the position-weighted mean of `analytic_acceptance` per batch."""
+    parts = [analytic_acceptance(target, draft, p, lens, max_new_tokens, sampler, jax.random.fold_in(rng, i),
+                                 eos_ids=eos_ids) for i, (p, lens) in enumerate(batches)]
+    positions = sum(part["num_positions"] for part in parts)
+    return {"alpha_hat": sum(part["alpha_hat"] * part["num_positions"] for part in parts) / positions,
+            "num_positions": positions}
+
+
+def gamma_sweep(target: qwen3.Qwen3, draft: qwen3.Qwen3, batches: Sequence[PromptBatch], gammas: Sequence[int],
+                max_new_tokens: int, sampler: Sampler, rng: jax.Array, *, eos_ids=(), runs: int = TIMING_RUNS,
+                measure_time: bool = True, analytic: bool = True,
+                on_gamma: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """One dict per γ (in the order given), over every prompt batch: the statistics of `speculative.summarize`
+    aggregated over all rows, τ̂ from α̂ (with analytic), and, with measure_time, the measured speedup (summed
+    wall times of all batches, target-only against speculative) and the predicted speedups. The baseline
+    time, c and α̂ do not depend on γ and are computed once; step costs use a cache of T + N slots (attention
+    cost grows with the cache) at the batch size of the first batch. on_gamma(γ) is called after each γ."""
+    if not gammas:
+        raise ValueError("gammas is empty; give at least one γ")
+    if not batches:
+        raise ValueError("no prompt batches to evaluate")
+    alpha_hat = None
+    if analytic:
+        alpha_hat = analytic_acceptance_batches(target, draft, batches, max_new_tokens, sampler, rng,
+                                                eos_ids=eos_ids)["alpha_hat"]
+    target_time_s = cost = None
+    verify = dict.fromkeys(gammas)
+    if measure_time:
+        target_time_s = sum(target_decode_seconds(target, p, lens, max_new_tokens, sampler, rng, eos_ids=eos_ids,
+                                                  runs=runs)["target_time_s"] for p, lens in batches)
+        batch, prompt_len = np.shape(batches[0][0])
+        cache_len = prompt_len + max_new_tokens
+        steps = cost_ratio(target, draft, batch, cache_len, runs)
+        cost = steps["cost_ratio"]
+        verify = {g: verify_cost_ratio(target, g, batch, cache_len, runs, steps["target_step_s"]) for g in gammas}
+    results = []
+    for g in gammas:
+        seconds, stats = 0.0, []
+        for p, lens in batches:
+            call = functools.partial(spec.speculative_generate, target, draft, p, lens, g, max_new_tokens, sampler,
+                                     rng, eos_ids=eos_ids)
+            elapsed, out = median_seconds(call, runs=runs) if measure_time else (0.0, call())
+            seconds += elapsed
+            stats.append(out.stats)
+        results.append(_sweep_entry(g, sampler, spec.summarize(spec.merge_stats(stats)),
+                                    seconds if measure_time else None, target_time_s, cost, verify[g], alpha_hat))
+        if on_gamma is not None:
+            on_gamma(g)
+    return results
+
+
+def _sweep_entry(gamma: int, sampler: Sampler, summary: dict[str, Any], seconds: float | None,
+                 target_time_s: float | None, cost: float | None, verify_ratio: float | None,
+                 alpha_hat: float | None) -> dict[str, Any]:
+    """A γ's statistics plus whichever of the speedups and the closed-form τ̂ its inputs allow."""
+    result = {"gamma": int(gamma), "temperature": float(sampler.temperature), **summary}
+    tau = result["block_efficiency"]
+    if seconds is not None:
+        result["speculative_time_s"] = float(seconds)
+        if target_time_s is not None:
+            result["target_time_s"] = float(target_time_s)
+            result["measured_speedup"] = float(target_time_s / seconds)
+    if cost is not None:
+        result["cost_ratio"] = float(cost)
+        result["predicted_speedup"] = predicted_speedup(tau, gamma, cost)
+        if verify_ratio is not None:
+            result["verify_cost_ratio"] = float(verify_ratio)
+            result["predicted_speedup_with_verify_cost"] = predicted_speedup(tau, gamma, cost, verify_ratio)
+    if alpha_hat is not None:
+        result["alpha_hat"] = float(alpha_hat)
+        result["expected_block_efficiency"] = expected_block_efficiency(alpha_hat, gamma)
+    return result
