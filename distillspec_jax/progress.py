@@ -37,18 +37,20 @@ class Progress:
         self._t0 = self._last = time.perf_counter()
         self.min_interval_s = min_interval_s
         self.stream = stream or sys.stdout
+        self._note = ""
 
     def update(self, n: int = 1, note: str = "") -> None:
         self.count += n
+        self._note = note
         now = time.perf_counter()
-        if now - self._last >= self.min_interval_s or self.count >= self.total:
+        if now - self._last >= self.min_interval_s and self.count < self.total:
             self._last = now
             self._print(now, note)
 
     def done(self, note: str = "") -> float:
-        """Prints the final line; returns the elapsed seconds."""
+        """Prints the final line (with the last update's note unless one is given); returns the elapsed seconds."""
         now = time.perf_counter()
-        self._print(now, note, final=True)
+        self._print(now, note or self._note, final=True)
         return now - self._t0
 
     def _print(self, now: float, note: str, final: bool = False) -> None:

@@ -45,7 +45,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from distillspec_jax import divergences as dv
 from distillspec_jax import sharding as shd
 from distillspec_jax import tracking
+from distillspec_jax import workdir as wd
 from distillspec_jax.models import qwen3
+from distillspec_jax.progress import Progress
 
 BATCH_KEYS = ("tokens", "loss_mask")
 CHECKPOINT_DIR = "checkpoints"
@@ -366,7 +368,7 @@ class Checkpointer:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
-        directory = pathlib.Path(os.path.abspath(workdir)) / CHECKPOINT_DIR
+        directory = wd.path(workdir, CHECKPOINT_DIR)  # local (made absolute) or gs://
         self.directory = directory
         self.manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep),
                                              item_names=("state", "meta"))
@@ -470,8 +472,13 @@ def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
 
 
 def run(cfg: TrainConfig, distiller: Distiller, batches: BatchSource, workdir: str | os.PathLike, *,
-        use_wandb: bool = False, wandb_project: str = "distillspec-jax", run_name: str | None = None) -> LoopResult:
+        use_wandb: bool = False, wandb_project: str = "distillspec-jax", run_name: str | None = None,
+        stage: str = "train", wandb_config: dict[str, Any] | None = None,
+        tracking_options: dict[str, Any] | None = None) -> LoopResult:
     """Trains until cfg.total_steps, resuming from `workdir/checkpoints` when a checkpoint is there.
+
+    Progress lines (rate, ETA, loss, acceptance) are printed under the label `stage`. W&B logs
+    `wandb_config` (default: cfg) as the run config; tracking_options go to `tracking.MetricsLogger`.
 
     Checkpoints every cfg.checkpoint_every steps, at the end, and on SIGTERM (then returns with
     preempted=True). A NaN or infinite loss or gradient norm raises NonFiniteLossError naming the
@@ -488,7 +495,9 @@ def run(cfg: TrainConfig, distiller: Distiller, batches: BatchSource, workdir: s
     current = {"params": state.params}
     context = DataContext(rng=rng, draft=lambda: distiller.draft_model(current["params"]), mesh=distiller.mesh)
     logger = tracking.MetricsLogger(workdir, resume_step=step, use_wandb=use_wandb, wandb_project=wandb_project,
-                                    run_name=run_name, config=dataclasses.asdict(cfg))
+                                    run_name=run_name, config=wandb_config or dataclasses.asdict(cfg),
+                                    **(tracking_options or {}))
+    progress = Progress(stage, cfg.total_steps, start=step)
     last_metrics: dict[str, float] = {}
     preempted = False
     try:
@@ -520,6 +529,7 @@ def run(cfg: TrainConfig, distiller: Distiller, batches: BatchSource, workdir: s
                     )
                 host["learning_rate"] = float(distiller.schedule(step))  # the rate this update used
                 step += 1
+                progress.update(note=f"loss {host['loss']:.4f}, acceptance {host['acceptance']:.3f}")
                 tokens_since_log += int(np.prod(batch["tokens"].shape))
                 last_metrics = host
                 if step % cfg.log_every == 0 or step == cfg.total_steps:
@@ -529,6 +539,7 @@ def run(cfg: TrainConfig, distiller: Distiller, batches: BatchSource, workdir: s
                     tokens_since_log, time_since_log = 0, time.perf_counter()
                 if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
                     checkpointer.save(step, state, position, rng)
+            progress.done()
     finally:
         checkpointer.wait()  # a save in flight completes; nothing of a failed step is written
         checkpointer.close()

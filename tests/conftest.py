@@ -25,3 +25,29 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, pathlib.Path]:
     """
     root = tmp_path_factory.mktemp("hf")
     return {name: write_hf_checkpoint(root / name, seed=i, **kw) for i, (name, kw) in enumerate(TINY_CASES.items())}
+
+
+PIPELINE_ARGS = ("--config=configs/jsd.py:test",)  # the tiny pipeline at test size (configs/common.py:test)
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_main(workdir, *overrides: str, timeout: int = 600, check: bool = True):
+    """Runs `python main.py` in a subprocess (its own JAX: one CPU device, no fake ones) from the repo root."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "main.py", *PIPELINE_ARGS, f"--workdir={workdir}", *overrides],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def pipeline_workdir(tmp_path_factory) -> pathlib.Path:
+    """A workdir produced by the whole `:test` pipeline (prepare ... report), once per session."""
+    workdir = tmp_path_factory.mktemp("pipeline") / "jsd_test"
+    proc = run_main(workdir)
+    (workdir / "stdout.txt").write_text(proc.stdout)
+    return workdir

@@ -1,0 +1,173 @@
+"""DistillSpec's four data generators (design §4) as batch sources of the distillation loop.
+
+    fixed   y from the dataset
+    target  y ~ p(·|x), sampled once by the target before training (`generate_responses`, the data stage)
+    draft   y ~ q(·|x), on-policy: sampled by the current draft, refreshed every `regenerate_every` steps
+    mix     per example, with probability λ a draft-generated y, otherwise a target-generated (or fixed) y
+
+A source is `train.BatchSource`: `(position, context) -> Iterator[batch]`, each batch this host's rows
+of global batch `position`: `tokens` [b, L] and `loss_mask` [b, L] (the positions whose next token is a
+response token). L is static per generator, so the step compiles once: prompt_len + response budget.
+
+Randomness is addressed, not streamed: the draft's samples for batch p use fold_in(rng, p), and the
+mix coin of example i at batch p uses (seed, p, i). A resumed run therefore draws the same data an
+uninterrupted one would, except that on-policy responses come from the restored draft (as they did).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from distillspec_jax import divergences as dv
+from distillspec_jax import generate as gen
+from distillspec_jax import sharding as shd
+from distillspec_jax import train
+from distillspec_jax.data import pipeline
+from distillspec_jax.models import qwen3
+from distillspec_jax.progress import Progress
+from distillspec_jax.sampling import Sampler
+
+GENERATORS = ("fixed", "target", "draft", "mix")
+MIX_OTHERS = ("target", "fixed")
+_MIX_STREAM = 0x6D6978  # separates the mix coin's random stream from data order ("mix")
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorSpec:
+    """How responses are produced. Validated on creation (before any model is loaded)."""
+
+    kind: str  # fixed | target | draft | mix
+    sampler: Sampler  # sampling of generated responses (the evaluation's decoding)
+    max_new_tokens: int  # budget of a generated response
+    eos_ids: tuple[int, ...]  # ids that end a generated response
+    pad_id: int
+    mix_lambda: float = 0.5  # mix: probability of a draft-generated response
+    mix_other: str = "target"  # mix: where the other responses come from
+    regenerate_every: int = 1  # steps between refreshes of the generating draft's parameters
+
+    def __post_init__(self):
+        if self.kind not in GENERATORS:
+            raise ValueError(f"unknown generator {self.kind!r}; choose one of {GENERATORS}")
+        if self.kind == "mix":
+            if not 0.0 <= self.mix_lambda <= 1.0:
+                raise ValueError(f"generator.mix_lambda must be in [0, 1], got {self.mix_lambda}")
+            if self.mix_other not in MIX_OTHERS:
+                raise ValueError(f"generator.mix_other must be one of {MIX_OTHERS}, got {self.mix_other!r}")
+        if self.max_new_tokens < 1 or self.regenerate_every < 1:
+            raise ValueError("generator.max_new_tokens and generator.regenerate_every must be >= 1")
+
+    @property
+    def needs_target_responses(self) -> bool:
+        """Whether the data stage must sample responses from the target first."""
+        return self.kind == "target" or (self.kind == "mix" and self.mix_other == "target")
+
+    @property
+    def on_policy(self) -> bool:
+        return self.kind in ("draft", "mix")
+
+
+def loss_mask(response_mask_bl: np.ndarray) -> np.ndarray:
+    """float32 [B, L]: 1 at positions whose next token is a response token (they generate y)."""
+    return np.asarray(dv.next_token_loss_mask(jnp.asarray(response_mask_bl)), np.float32)
+
+
+def _generate_all(model: qwen3.Qwen3, local_prompts: dict[str, np.ndarray], spec: GeneratorSpec, rng: jax.Array,
+                  mesh) -> gen.GenerationOutput:
+    """Samples responses for this host's prompt rows with a (possibly sharded) model; returns every host's
+    rows as NumPy arrays (the global batch), on every host."""
+    prompts_bt = shd.global_batch(local_prompts["prompts"], mesh)
+    lens_b = shd.global_batch(local_prompts["prompt_lens"], mesh)
+    out = gen.generate(model, prompts_bt, lens_b, spec.max_new_tokens, spec.sampler, rng, eos_ids=spec.eos_ids,
+                       pad_id=spec.pad_id, return_sequences=True)
+    return gen.GenerationOutput(**shd.to_host(out._asdict()))
+
+
+def _local_rows(out: gen.GenerationOutput) -> gen.GenerationOutput:
+    rows = shd.host_slice(len(out.lengths))
+    return gen.GenerationOutput(**{k: None if v is None else v[rows] for k, v in out._asdict().items()})
+
+
+def generate_responses(model: qwen3.Qwen3, prompts: Sequence[np.ndarray], spec: GeneratorSpec, batch_rows: int,
+                       prompt_len: int, rng: jax.Array, mesh, stage: str = "data") -> list[np.ndarray]:
+    """Samples one response per prompt (the target-generated data): [len(prompts)] int32 arrays, on every host.
+
+    Batches of `batch_rows` global rows with one static prompt length; the last batch is filled up with
+    copies of the first prompt, whose responses are dropped. Batch i uses fold_in(rng, i).
+    """
+    responses: list[np.ndarray] = []
+    n_batches = -(-len(prompts) // batch_rows)
+    progress = Progress(stage, n_batches, unit="batch")
+    local = shd.host_slice(batch_rows)
+    for i in range(n_batches):
+        chunk = list(prompts[i * batch_rows : (i + 1) * batch_rows])
+        real = len(chunk)
+        chunk += [prompts[0]] * (batch_rows - real)
+        padded = pipeline.pad_prompts(chunk, prompt_len, spec.pad_id)
+        out = _generate_all(model, {k: v[local] for k, v in padded.items()}, spec, jax.random.fold_in(rng, i), mesh)
+        responses += [out.tokens[b, : out.lengths[b]].astype(np.int32) for b in range(real)]
+        progress.update(note=f"{sum(len(r) for r in responses)} tokens")
+    progress.done()
+    return responses
+
+
+def make_source(spec: GeneratorSpec, batcher: pipeline.Batcher, prompt_len: int, seed: int) -> train.BatchSource:
+    """The training batch source of `spec.kind` over `batcher`'s examples (whose responses are the fixed,
+    or the target-generated, ones). prompt_len: the static padded prompt length of generation."""
+    response_len = spec.max_new_tokens
+    if batcher.items and any(it.response is not None for it in batcher.items):
+        response_len = max(response_len, max(len(it.response) for it in batcher.items if it.response is not None))
+    length = prompt_len + response_len  # static L of every batch
+
+    def offline(position: int) -> dict[str, np.ndarray]:
+        packed = batcher.sequences(position, length=length)
+        return {"tokens": packed["tokens"], "loss_mask": loss_mask(packed["response_mask"])}
+
+    def on_policy(position: int, model: qwen3.Qwen3, context: train.DataContext) -> dict[str, np.ndarray]:
+        prompts = batcher.prompts(position, length=prompt_len)
+        out = _local_rows(_generate_all(model, prompts, spec, jax.random.fold_in(context.rng, position),
+                                        context.mesh))
+        tokens = _pad_to(out.sequences, length, spec.pad_id)
+        response = _pad_to(out.response_mask.astype(np.float32), length, 0)
+        if spec.kind == "mix":
+            other = batcher.sequences(position, length=length)
+            rows = batcher.indices(position)[shd.host_slice(batcher.global_batch)]
+            coins = np.asarray([np.random.default_rng([seed, _MIX_STREAM, position, int(r)]).random() for r in rows])
+            use_draft = (coins < spec.mix_lambda)[:, None]
+            tokens = np.where(use_draft, tokens, other["tokens"])
+            response = np.where(use_draft, response, other["response_mask"])
+        return {"tokens": tokens.astype(np.int32), "loss_mask": loss_mask(response)}
+
+    def batches(position: int, context: train.DataContext) -> Iterator[dict[str, np.ndarray]]:
+        generator_model = None
+        while True:
+            if not spec.on_policy:
+                yield offline(position)
+            else:
+                if generator_model is None or position % spec.regenerate_every == 0:
+                    generator_model = _snapshot(context.draft(), copy=spec.regenerate_every > 1)
+                yield on_policy(position, generator_model, context)
+            position += 1
+
+    return batches
+
+
+def _snapshot(model: qwen3.Qwen3, copy: bool) -> qwen3.Qwen3:
+    """The generating draft. The loop donates the parameters' buffers at the next step, so a draft kept
+    for several steps (regenerate_every > 1) must own a copy."""
+    if not copy:
+        return model
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+
+
+def _pad_to(x_bl: np.ndarray, length: int, value) -> np.ndarray:
+    """Right-pads (or keeps) [B, L'] to [B, length]."""
+    if x_bl.shape[1] > length:
+        raise ValueError(f"generated sequences of {x_bl.shape[1]} positions exceed the static length {length}")
+    return np.pad(np.asarray(x_bl), [(0, 0), (0, length - x_bl.shape[1])], constant_values=value)

@@ -1,0 +1,159 @@
+"""The experiment entry point: the whole `:test` pipeline through main.py, stage-level resume, the config
+guard, and the early errors that bad settings get before any model is loaded or anything compiles."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from configs import jsd
+from distillspec_jax import experiment
+from distillspec_jax import workdir as wd
+from tests.conftest import run_main
+from tests.tiny import write_hf_checkpoint
+
+
+def _results(workdir: pathlib.Path) -> dict:
+    return json.loads((workdir / "results.json").read_text())
+
+
+def test_pipeline_writes_every_output(pipeline_workdir):
+    c = jsd.get_config("test")
+    res = _results(pipeline_workdir)
+    expected_keys = {(float(t), g) for t in c.eval.temperatures for g in c.eval.gammas}
+    for when in ("before", "after"):
+        rows = res[when]
+        assert {(r["temperature"], r["gamma"]) for r in rows} == expected_keys
+        for r in rows:
+            assert 1.0 <= r["block_efficiency"] <= r["gamma"] + 1
+            assert 0.0 <= r["acceptance_rate"] <= 1.0
+            assert len(r["per_position_acceptance"]) == r["gamma"]
+            assert r["rows"] == c.eval.num_prompts
+            for key in ("measured_speedup", "predicted_speedup", "alpha_hat", "expected_block_efficiency"):
+                assert np.isfinite(r[key]) and r[key] > 0, key
+    assert res["training"]["steps"] == c.distill.steps
+    assert res["run"]["divergence"] == "jsd" and res["run"]["generator"] == c.generator.kind
+    lines = [json.loads(x) for x in (pipeline_workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(c.distill.log_every, c.distill.steps + 1, c.distill.log_every))
+    stored = json.loads((pipeline_workdir / "config.json").read_text())
+    assert stored["distill"]["divergence"] == "jsd" and stored["eval"]["gammas"] == list(c.eval.gammas)
+    stdout = (pipeline_workdir / "stdout.txt").read_text()
+    assert "τ before" in stdout and "temperature 1" in stdout  # the printed table
+
+
+def test_distillation_raises_sampled_acceptance(pipeline_workdir):
+    # Even at test size (12 steps), on-policy JSD must move the draft toward the target: the analytic
+    # acceptance α̂ = E[1 − TVD] at temperature 1 rises. (The :tiny preset shows τ rising; see README.)
+    res = _results(pipeline_workdir)
+    before = {r["gamma"]: r for r in res["before"] if r["temperature"] == 1.0}
+    after = {r["gamma"]: r for r in res["after"] if r["temperature"] == 1.0}
+    assert after[1]["alpha_hat"] > before[1]["alpha_hat"] + 0.02
+
+
+def test_distilled_draft_loads_in_transformers(pipeline_workdir):
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    from distillspec_jax.models import convert
+
+    hf = Qwen3ForCausalLM.from_pretrained(pipeline_workdir / "distilled" / "hf", dtype=torch.float32).eval()
+    ours = convert.load_orbax(pipeline_workdir / "distilled" / "orbax")
+    tokens = np.arange(1, 17, dtype=np.int32)[None, :]
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours(tokens))[..., : theirs.shape[-1]], theirs, atol=1e-4)
+
+
+def test_rerun_skips_finished_stages(pipeline_workdir, tmp_path):
+    # A rerun of a finished workdir recomputes nothing but the report; one with a stage's output
+    # removed reruns only that stage.
+    workdir = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(pipeline_workdir, workdir, ignore=shutil.ignore_patterns("results.json", "eval_after.json"))
+    before = (workdir / "eval_before.json").read_text()
+    metrics = (workdir / "metrics.jsonl").read_text()
+    proc = run_main(workdir)
+    assert "already done: data,distill,eval_before" in proc.stdout
+    assert "[eval_after]" in proc.stdout and "[eval_before]" not in proc.stdout and "[distill]" not in proc.stdout
+    assert (workdir / "eval_before.json").read_text() == before
+    assert (workdir / "metrics.jsonl").read_text() == metrics
+    assert _results(workdir)["after"]
+
+
+def test_changed_config_is_refused_without_overwrite(pipeline_workdir, tmp_path):
+    workdir = tmp_path / "guard"
+    workdir.mkdir()
+    (workdir / "config.json").write_text((pipeline_workdir / "config.json").read_text())
+    proc = run_main(workdir, "--config.distill.steps=13", "--config.stages=report", check=False)
+    assert proc.returncode != 0
+    assert "distill.steps" in proc.stderr and "--config.overwrite=True" in proc.stderr
+    # Fields that do not change what is computed may differ.
+    stored = json.loads((pipeline_workdir / "config.json").read_text())
+    changed = json.loads(json.dumps(stored))
+    changed["stages"], changed["eval"]["timing_repeats"] = "report", 7
+    assert wd.config_differences(stored, changed) == []
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+    proc = run_main(tmp_path / "w", "--config.distill.no_such_field=1", check=False)
+    assert proc.returncode != 0 and "no_such_field" in proc.stderr
+    assert not (tmp_path / "w").exists()  # nothing was written
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("eval.gammas", (0, 2), "gammas"),
+    ("eval.temperatures", (-1.0,), "temperature"),
+    ("eval.num_prompts", 12, "multiple"),
+    ("distill.divergence", "kl", "unknown divergence"),
+    ("distill.jsd_beta", 1.5, "jsd_beta"),
+    ("distill.adaspec_fraction", 1.5, "adaspec_fraction"),
+    ("generator.kind", "teacher", "unknown generator"),
+    ("generator.mix_lambda", 2.0, "mix_lambda"),
+    ("stages", "prepare,train", "unknown stages"),
+    ("data.source", "s3", "data.source"),
+    ("draft.model", "/no/such/checkpoint", "no/such/checkpoint"),
+])
+def test_bad_settings_fail_validation(field, value, message):
+    c = jsd.get_config("test")
+    group, _, name = field.rpartition(".")
+    (c[group] if group else c)[name] = value
+    if field == "generator.mix_lambda":
+        c.generator.kind = "mix"
+    if field == "draft.model":
+        c.target.model = "/no/such/checkpoint"
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        experiment.validate(c)
+
+
+def test_batch_must_divide_the_mesh():
+    from distillspec_jax import sharding as shd
+
+    c = jsd.get_config("test")
+    mesh = shd.make_mesh(-1, 1, 1)  # 8 fake devices (conftest)
+    c.eval.batch_size = c.eval.num_prompts = 4
+    with pytest.raises(ValueError, match="eval.batch_size 4 does not divide"):
+        experiment.check_mesh(c, mesh)
+
+
+def test_prepare_refuses_different_vocabularies(tmp_path):
+    c = jsd.get_config("test")
+    c.target.model = str(write_hf_checkpoint(tmp_path / "target", seed=0, num_attention_heads=4, num_key_value_heads=2))
+    c.draft.model = str(write_hf_checkpoint(tmp_path / "draft", seed=1, vocab_size=384, num_attention_heads=4,
+                                            num_key_value_heads=2))
+    c.tokenizer = experiment.OFFLINE_QWEN3_TOKENIZER
+    experiment.validate(c)
+    from distillspec_jax import sharding as shd
+
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        experiment.prepare(c, str(tmp_path / "w"), shd.make_mesh(-1, 1, 1))
+    # The conversions are cached: a second prepare does not convert again.
+    converted = sorted((tmp_path / "w" / "models").iterdir())
+    assert len(converted) == 2
+    stamps = [(p / "qwen3_config.json").stat().st_mtime_ns for p in converted]
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        experiment.prepare(c, str(tmp_path / "w"), shd.make_mesh(-1, 1, 1))
+    assert [(p / "qwen3_config.json").stat().st_mtime_ns for p in converted] == stamps
