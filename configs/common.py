@@ -21,7 +21,7 @@ REAL_PAIRS = {
     "0.6b-8b": ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-8B"),
     "1.7b-32b": ("Qwen/Qwen3-1.7B", "Qwen/Qwen3-32B"),
 }
-OFFLINE_PRESETS = ("tiny", "test")
+OFFLINE_PRESETS = ("tiny", "study", "test")
 
 
 def _model(source: str, dtype: str, param_dtype: str) -> ConfigDict:
@@ -38,6 +38,7 @@ def base() -> ConfigDict:
     c.seed = 0  # master seed: data order, sampling, tiny-model initialisation
     c.stages = ",".join(STAGES)  # comma-separated subset of: prepare,data,eval_before,distill,eval_after,report
     c.overwrite = False  # allow reusing a workdir whose run had a different config (its outputs are discarded)
+    c.plots = True  # report stage: write PNG plots and a markdown table into <workdir>/plots
     c.distributed = "auto"  # jax.distributed.initialize: auto (when the launcher's environment asks) | on | off
 
     c.target = _model("Qwen/Qwen3-8B", dtype="bfloat16", param_dtype="bfloat16")  # frozen teacher
@@ -45,7 +46,7 @@ def base() -> ConfigDict:
     c.tokenizer = ""  # folder or hub id; '' = the target checkpoint's own tokenizer; 'qwen3_offline' = built offline
 
     c.data = ConfigDict(dict(
-        source="tfds",  # hf | tfds | jsonl | humaneval | stdlib
+        source="tfds",  # hf | tfds | jsonl | humaneval | stdlib | stdlib_docstrings
         name="gsm8k",  # dataset name (hf: hub id or local json/jsonl/parquet/csv path; tfds: builder name; jsonl: path)
         config_name="",  # hf: dataset config (e.g. 'main' for openai/gsm8k); '' = none
         data_dir="",  # tfds: data_dir of prepared data; '' = TFDS default
@@ -140,6 +141,7 @@ def base() -> ConfigDict:
         draft_ffn=256,  # draft MLP width
         draft_steps=60,  # draft pre-training steps: fewer, so it starts as a generic, weaker draft
         cache_dir="",  # where built tiny models are cached; '' = <workdir>/models
+        model_seed=-1,  # seed of the tiny models' build; -1 = config.seed (a study fixes it to vary only training)
     ))
     return c
 
@@ -171,14 +173,26 @@ def test(c: ConfigDict) -> ConfigDict:
     return c
 
 
+def study(c: ConfigDict) -> ConfigDict:
+    """One cell of the systematic study (analysis/study.py): the :tiny models (built once, seed 0), shorter
+    distillation and a lighter evaluation, so that a 5 x 4 x 3-seed grid fits one session on a 2-core CPU."""
+    c = tiny(c)
+    c.tiny.model_seed = 0
+    c.distill.update(steps=40, warmup_steps=5, checkpoint_every=20, log_every=5)
+    c.eval.update(gammas=(1, 2, 3, 4, 5, 6, 7), num_prompts=16, batch_size=16, max_new_tokens=32, timing_repeats=1)
+    return c
+
+
 def get_config(arg: str | None = None) -> ConfigDict:
-    """Base config with the named preset: '' (0.6B -> 8B), a real pair from REAL_PAIRS, 'tiny' or 'test'."""
+    """Base config with the named preset: '' (0.6B -> 8B), a real pair from REAL_PAIRS, 'tiny', 'study' or 'test'."""
     arg = (arg or "").strip()
     c = base()
     if arg in REAL_PAIRS:
         c.draft.model, c.target.model = REAL_PAIRS[arg]
     elif arg == "tiny":
         c = tiny(c)
+    elif arg == "study":
+        c = study(c)
     elif arg == "test":
         c = test(c)
     else:

@@ -202,7 +202,8 @@ def prepare(c: ConfigDict, workdir: str, mesh) -> Models:
     if c.target.model == TINY:
         from distillspec_jax import tiny
 
-        built = tiny.build(c.tiny.to_dict(), c.seed, str(cache))
+        build_cfg = {k: v for k, v in c.tiny.to_dict().items() if k not in ("cache_dir", "model_seed")}
+        built = tiny.build(build_cfg, c.seed if c.tiny.model_seed < 0 else c.tiny.model_seed, str(cache))
         target_dir, draft_dir, tiny_tokenizer = str(built.target), str(built.draft), str(built.tokenizer)
     else:
         target_dir = _converted(c.target.model, c.target.param_dtype, cache, mesh)
@@ -441,7 +442,7 @@ def report(c: ConfigDict, workdir: str) -> dict[str, Any]:
         except ImportError:  # the library installed without the repository's analysis/ folder
             plots = None
             logging.warning("analysis.plots is not importable; skipping plots (run from the repository root)")
-        if plots is not None and not str(workdir).startswith("gs://"):
+        if c.plots and plots is not None and not str(workdir).startswith("gs://"):
             plots.write_all([str(wd.path(workdir))], str(wd.path(workdir, "plots")))
         print(format_table(res), flush=True)
     return res

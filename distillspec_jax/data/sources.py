@@ -31,6 +31,7 @@ TFDS_NAMES = tuple(TFDS_SPLITS)
 LOCAL_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 # Standard-library folders that are tests, data or vendored code rather than library source.
 STDLIB_SKIP = ("test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo", "__pycache__", "ensurepip")
+DOCSTRING_MIN_CHARS = 200  # shorter docstrings are mostly one-line summaries, too short to continue
 
 OFFLINE_HINT = ("If this machine is offline, point `data.name` at local files (json/jsonl/parquet/csv) or use "
                 "source 'jsonl', 'humaneval' or 'stdlib', or run the offline preset `--config=configs/jsd.py:tiny`")
@@ -158,12 +159,35 @@ def stdlib_corpus(limit: int | None = None) -> list[Example]:
     return rows
 
 
+def stdlib_docstrings(limit: int | None = None, min_chars: int = DOCSTRING_MIN_CHARS) -> list[Example]:
+    """Prose from the standard library: docstrings of its modules, classes and functions ({'path', 'text'}),
+    at least `min_chars` long, in file order. A held-out domain for drafts distilled on code."""
+    import ast
+
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    rows = []
+    for path in stdlib_files():
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, SyntaxError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= min_chars:
+                    rows.append({"path": str(path.relative_to(root)), "text": doc})
+                    if limit is not None and len(rows) >= limit:
+                        return rows
+    return rows
+
+
 SOURCES: dict[str, Callable[..., list[Example]]] = {
     "hf": hf_dataset,
     "tfds": tfds_dataset,
     "jsonl": jsonl,
     "humaneval": humaneval,
     "stdlib": stdlib_corpus,
+    "stdlib_docstrings": stdlib_docstrings,
 }
 
 
@@ -180,4 +204,6 @@ def load(source: str, name: str = "", config_name: str | None = None, split: str
         return humaneval(limit)
     if source == "stdlib":
         return stdlib_corpus(limit)
+    if source == "stdlib_docstrings":
+        return stdlib_docstrings(limit)
     raise DataSourceError(f"unknown data source {source!r}; choose one of {sorted(SOURCES)}")

@@ -1,0 +1,329 @@
+"""The systematic small-scale study (issue 8): a grid of divergences x data generators x seeds on the `:study`
+preset, the undistilled and supervised baselines, a transfer check, and the aggregation into tables.
+
+    python -m analysis.study --out=/tmp/study                 # the full grid (resumes a half-finished one)
+    python -m analysis.study --out=/tmp/study --aggregate     # only re-aggregate what is there
+
+Layout of --out:
+    models/                      the tiny models, built once and shared by every cell
+    base-s{seed}/                per seed: data, target responses and the undistilled draft's evaluation
+    cells/{div}-{gen}-s{seed}/   one experiment workdir per cell (its data and eval_before copied from base)
+    transfer/{cell}/             the cell's draft, before and after, on held-out prose (stdlib docstrings)
+    summary.json, tables.md, study_tau.png
+
+Every cell is an ordinary `experiment.run` workdir, so a cell interrupted half way resumes from its
+checkpoint, and finished cells are skipped. All cells run in this one process: the decode loops compile
+once for all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "adaspec")
+GENERATORS = ("fixed", "target", "draft", "mix")
+SEEDS = (0, 1, 2)
+SUPERVISED = "ce-fixed"  # the supervised baseline: cross-entropy on the dataset's responses
+BOOTSTRAP_SAMPLES = 2000  # resamples of the seeds for the 95% intervals
+CONFIDENCE = 0.95
+TRANSFER_CELL = ("jsd", "draft")  # the cell whose drafts are evaluated on the held-out domain
+TRANSFER_EXAMPLES = 200  # docstrings loaded for the transfer domain (the evaluation uses eval.num_prompts)
+TRANSFER_PROMPT_LEN = 96  # tokens of docstring the drafts continue
+
+
+def cell_name(divergence: str, generator: str, seed: int) -> str:
+    return f"{divergence}-{generator}-s{seed}"
+
+
+def cell_config(preset: str, divergence: str, generator: str, seed: int, out: str, steps: int | None):
+    """The experiment config of one cell. 'ce' is the supervised baseline (cross-entropy, fixed data)."""
+    module = importlib.import_module(f"configs.{'fkl' if divergence == 'ce' else divergence}")
+    c = module.get_config(preset)
+    if divergence == "ce":
+        c.distill.divergence = "ce"
+    c.seed = seed
+    c.generator.kind = generator
+    c.generator.mix_lambda = 0.5
+    c.generator.mix_other = "target"
+    c.tiny.cache_dir = os.path.join(out, "models")
+    c.plots = False  # one study plot instead of one set per cell
+    if steps is not None:
+        c.distill.steps = steps
+        c.distill.warmup_steps = min(c.distill.warmup_steps, steps)
+    return c
+
+
+def _seed_base(preset: str, seed: int, out: str, steps: int | None) -> str:
+    """Per seed: the data (with target-generated responses) and the undistilled draft's evaluation."""
+    from distillspec_jax import experiment
+
+    workdir = os.path.join(out, f"base-s{seed}")
+    c = cell_config(preset, "jsd", "target", seed, out, steps)
+    c.stages = "prepare,data,eval_before"
+    if not os.path.exists(os.path.join(workdir, "eval_before.json")):
+        experiment.run(c, workdir)
+    return workdir
+
+
+def _copy_shared(base: str, workdir: str) -> None:
+    """Gives a cell its seed's data and baseline evaluation, so the cell skips those stages."""
+    os.makedirs(workdir, exist_ok=True)
+    if not os.path.exists(os.path.join(workdir, "data")):
+        shutil.copytree(os.path.join(base, "data"), os.path.join(workdir, "data"))
+    if not os.path.exists(os.path.join(workdir, "eval_before.json")):
+        shutil.copy2(os.path.join(base, "eval_before.json"), os.path.join(workdir, "eval_before.json"))
+
+
+def run_grid(out: str, preset: str, divergences: Sequence[str], generators: Sequence[str], seeds: Sequence[int],
+             supervised: bool, steps: int | None, transfer: bool) -> None:
+    from distillspec_jax import experiment
+
+    cells = [(d, g) for d in divergences for g in generators] + ([("ce", "fixed")] if supervised else [])
+    total, done_before = len(cells) * len(seeds), time.perf_counter()
+    finished = 0
+    for seed in seeds:
+        base = _seed_base(preset, seed, out, steps)
+        for divergence, generator in cells:
+            name = cell_name(divergence, generator, seed)
+            workdir = os.path.join(out, "cells", name)
+            finished += 1
+            if os.path.exists(os.path.join(workdir, "results.json")):
+                print(f"[study] {finished}/{total} {name}: done earlier, skipped", flush=True)
+                continue
+            _copy_shared(base, workdir)
+            start = time.perf_counter()
+            experiment.run(cell_config(preset, divergence, generator, seed, out, steps), workdir)
+            elapsed = time.perf_counter() - done_before
+            print(f"[study] {finished}/{total} {name}: {time.perf_counter() - start:.0f}s "
+                  f"(elapsed {elapsed / 60:.1f} min)", flush=True)
+        if transfer and TRANSFER_CELL[0] in divergences and TRANSFER_CELL[1] in generators:
+            run_transfer(out, preset, seed, steps)
+
+
+def run_transfer(out: str, preset: str, seed: int, steps: int | None) -> None:
+    """The transfer cell's undistilled and distilled drafts on stdlib docstrings (prose the draft never saw
+    in distillation, which used HumanEval prompts)."""
+    from distillspec_jax import experiment
+    from distillspec_jax import sharding as shd
+    from distillspec_jax import workdir as wd
+
+    name = cell_name(*TRANSFER_CELL, seed)
+    workdir = os.path.join(out, "transfer", name)
+    target_file = os.path.join(workdir, "transfer.json")
+    if os.path.exists(target_file):
+        return
+    c = cell_config(preset, *TRANSFER_CELL, seed, out, steps)
+    c.data.update(source="stdlib_docstrings", task="corpus", chat=False, num_train_examples=TRANSFER_EXAMPLES,
+                  max_prompt_len=TRANSFER_PROMPT_LEN, pad_multiple=TRANSFER_PROMPT_LEN)
+    mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    models = experiment.prepare(c, workdir, mesh)
+    experiment.build_data(c, workdir, models, mesh)
+    distilled = experiment.distilled_draft(c, os.path.join(out, "cells", name), mesh)
+    result = {"cell": name, "domain": "stdlib_docstrings",
+              "before": experiment.evaluate(c, workdir, models, models.draft, mesh, "transfer: before"),
+              "after": experiment.evaluate(c, workdir, models, distilled, mesh, "transfer: after")}
+    wd.write_json(wd.path(target_file), result)
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation
+# ----------------------------------------------------------------------------------------------
+
+
+def bootstrap_ci(values: Sequence[float], seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean and its percentile bootstrap interval over the given per-seed values."""
+    x = np.asarray(values, float)
+    if len(x) == 1:
+        return float(x[0]), float(x[0]), float(x[0])
+    rng = np.random.default_rng(seed)
+    means = rng.choice(x, size=(BOOTSTRAP_SAMPLES, len(x)), replace=True).mean(axis=1)
+    tail = (1.0 - CONFIDENCE) / 2.0
+    return float(x.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
+
+
+def _rows(results: dict, when: str) -> dict[tuple[float, int], dict]:
+    return {(r["temperature"], r["gamma"]): r for r in results[when]}
+
+
+def load_cells(out: str) -> dict[str, dict]:
+    cells = {}
+    root = os.path.join(out, "cells")
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = os.path.join(root, name, "results.json")
+        if os.path.exists(path):
+            cells[name] = json.load(open(path))
+    return cells
+
+
+def _pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def aggregate(out: str) -> dict[str, Any]:
+    """Mean τ with bootstrap 95% intervals over seeds, per (divergence, generator, temperature, γ), the gain
+    over the undistilled draft, speedups, and the correlations between analytic and measured acceptance."""
+    cells = load_cells(out)
+    if not cells:
+        raise FileNotFoundError(f"no finished cells under {out}/cells; run the grid first")
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for name, res in cells.items():
+        divergence, generator, _ = name.rsplit("-", 2)
+        groups.setdefault((divergence, generator), []).append(res)
+    table = []
+    for (divergence, generator), runs in sorted(groups.items()):
+        keys = sorted(_rows(runs[0], "after"))
+        for key in keys:
+            after = [_rows(r, "after")[key] for r in runs]
+            before = [_rows(r, "before")[key] for r in runs]
+            gain = [a["block_efficiency"] / b["block_efficiency"] - 1.0 for a, b in zip(after, before)]
+            entry = {"divergence": divergence, "generator": generator, "temperature": key[0], "gamma": key[1],
+                     "seeds": len(runs),
+                     "tau_before": bootstrap_ci([b["block_efficiency"] for b in before]),
+                     "tau_after": bootstrap_ci([a["block_efficiency"] for a in after]),
+                     "relative_gain": bootstrap_ci(gain),
+                     "alpha_hat_after": float(np.mean([a["alpha_hat"] for a in after]))}
+            for field in ("predicted_speedup", "measured_speedup"):
+                if all(field in a for a in after):
+                    entry[field] = float(np.mean([a[field] for a in after]))
+            table.append(entry)
+    correlations = {}
+    for temperature in sorted({e["temperature"] for e in table}):
+        rows = [r for res in cells.values() for r in res["after"] + res["before"] if r["temperature"] == temperature]
+        correlations[str(temperature)] = {
+            "tau_hat_vs_tau": _pearson([r["expected_block_efficiency"] for r in rows], [r["block_efficiency"] for r in rows]),
+            "alpha_hat_vs_tau": _pearson([r["alpha_hat"] for r in rows], [r["block_efficiency"] for r in rows]),
+            "points": len(rows)}
+    transfer = []
+    tdir = os.path.join(out, "transfer")
+    for name in sorted(os.listdir(tdir)) if os.path.isdir(tdir) else []:
+        path = os.path.join(tdir, name, "transfer.json")
+        if os.path.exists(path):
+            t = json.load(open(path))
+            for (key, b), a in zip(_rows(t, "before").items(), _rows(t, "after").values()):
+                transfer.append({"cell": name, "temperature": key[0], "gamma": key[1],
+                                 "tau_before": b["block_efficiency"], "tau_after": a["block_efficiency"]})
+    summary = {"cells": len(cells), "table": table, "correlations": correlations, "transfer": transfer}
+    with open(os.path.join(out, "summary.json.tmp"), "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
+    return summary
+
+
+def _ci(t: tuple[float, float, float], spec: str = ".2f") -> str:
+    return f"{t[0]:{spec}} [{t[1]:{spec}}, {t[2]:{spec}}]"
+
+
+def format_tables(summary: dict[str, Any], gamma: int | None = None) -> str:
+    """Markdown: per temperature, τ after (95% CI) and the relative gain at one γ (default: the largest)."""
+    table = summary["table"]
+    gamma = gamma or max(e["gamma"] for e in table)
+    lines = []
+    for temperature in sorted({e["temperature"] for e in table}):
+        rows = [e for e in table if e["temperature"] == temperature and e["gamma"] == gamma]
+        base = rows[0]["tau_before"] if rows else None
+        lines += [f"### Temperature {temperature:g}, γ = {gamma}", "",
+                  f"Undistilled draft: τ = {_ci(base)} (seeds: {rows[0]['seeds']})" if base else "", "",
+                  "| divergence | data | τ after [95% CI] | relative gain [95% CI] | α̂ after | predicted speedup | measured speedup |",
+                  "|---|---|---|---|---|---|---|"]
+        for e in sorted(rows, key=lambda e: -e["tau_after"][0]):
+            lines.append(f"| {e['divergence']} | {e['generator']} | {_ci(e['tau_after'])} | "
+                         f"{_ci(e['relative_gain'], '+.1%')} | {e['alpha_hat_after']:.3f} | "
+                         f"{e.get('predicted_speedup', float('nan')):.2f} | {e.get('measured_speedup', float('nan')):.2f} |")
+        lines.append("")
+    lines += ["### Analytic against measured (Pearson r over every cell, γ and evaluation)", "",
+              "| temperature | r(τ̂, τ) | r(α̂, τ) | points |", "|---|---|---|---|"]
+    for temperature, c in summary["correlations"].items():
+        lines.append(f"| {float(temperature):g} | {c['tau_hat_vs_tau']:.3f} | {c['alpha_hat_vs_tau']:.3f} | {c['points']} |")
+    if summary["transfer"]:
+        lines += ["", "### Transfer to held-out prose (stdlib docstrings)", "",
+                  "| cell | temperature | γ | τ before | τ after |", "|---|---|---|---|---|"]
+        for t in summary["transfer"]:
+            if t["gamma"] == gamma:
+                lines.append(f"| {t['cell']} | {t['temperature']:g} | {t['gamma']} | {t['tau_before']:.2f} | "
+                             f"{t['tau_after']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], path: str, gamma: int | None = None) -> None:
+    """Grouped bars: mean τ after distillation (95% CI) per divergence and generator, one panel per temperature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = summary["table"]
+    gamma = gamma or max(e["gamma"] for e in table)
+    temperatures = sorted({e["temperature"] for e in table})
+    fig, axes = plt.subplots(1, len(temperatures), figsize=(6 * len(temperatures), 4), squeeze=False)
+    for ax, temperature in zip(axes[0], temperatures):
+        rows = [e for e in table if e["temperature"] == temperature and e["gamma"] == gamma]
+        divergences = sorted({e["divergence"] for e in rows})
+        generators = sorted({e["generator"] for e in rows})
+        width = 0.8 / max(len(generators), 1)
+        for j, generator in enumerate(generators):
+            xs, means, errs = [], [], []
+            for i, divergence in enumerate(divergences):
+                match = [e for e in rows if e["divergence"] == divergence and e["generator"] == generator]
+                if match:
+                    mean, low, high = match[0]["tau_after"]
+                    xs.append(i + j * width)
+                    means.append(mean)
+                    errs.append((mean - low, high - mean))
+            ax.bar(xs, means, width, yerr=np.asarray(errs).T if errs else None, label=generator, capsize=2)
+        if rows:
+            ax.axhline(rows[0]["tau_before"][0], color="k", ls="--", lw=1, label="undistilled")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(divergences))], divergences)
+        ax.set_title(f"τ at γ = {gamma}, temperature {temperature:g}")
+        ax.set_ylabel("block efficiency τ")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="study folder (resumed when it exists)")
+    parser.add_argument("--preset", default="study", help="config preset of every cell: study (default) | test")
+    parser.add_argument("--divergences", default=",".join(DIVERGENCES))
+    parser.add_argument("--generators", default=",".join(GENERATORS))
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--steps", type=int, default=None, help="override distill.steps of every cell")
+    parser.add_argument("--no_supervised", action="store_true", help="skip the cross-entropy baseline")
+    parser.add_argument("--no_transfer", action="store_true", help="skip the held-out-domain evaluation")
+    parser.add_argument("--aggregate", action="store_true", help="only aggregate finished cells")
+    args = parser.parse_args(argv)
+    divergences = [d for d in args.divergences.split(",") if d]
+    generators = [g for g in args.generators.split(",") if g]
+    bad = [d for d in divergences if d not in DIVERGENCES] + [g for g in generators if g not in GENERATORS]
+    if bad:
+        parser.error(f"unknown divergences/generators {bad}; choose from {DIVERGENCES} and {GENERATORS}")
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    if not args.aggregate:
+        run_grid(out, args.preset, divergences, generators, seeds, not args.no_supervised, args.steps,
+                 not args.no_transfer)
+    summary = aggregate(out)
+    tables = format_tables(summary)
+    with open(os.path.join(out, "tables.md"), "w") as f:
+        f.write(tables)
+    plot(summary, os.path.join(out, "study_tau.png"))
+    print(tables)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
