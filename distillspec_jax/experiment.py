@@ -352,7 +352,8 @@ def distill(c: ConfigDict, workdir: str, models: Models, mesh) -> bool:
     spec = generator_spec(c, models.eos_ids, models.pad_id)
     source = _batch_source(c, workdir, models, spec)
     run_name = c.tracking.run_name or os.path.basename(os.path.normpath(str(workdir)))
-    tracking = dict(use_wandb=c.tracking.wandb, wandb_project=c.tracking.project, run_name=run_name)
+    tracking = dict(use_wandb=c.tracking.wandb, wandb_project=c.tracking.project, run_name=run_name,
+                    tracking_options={"wandb_entity": c.tracking.entity, "wandb_tags": tuple(c.tracking.tags)})
     reference = None
     if cfg.adaspec_fraction is not None:
         # AdaSPEC's reference: the same initial draft distilled with FKL on the same data, then frozen.

@@ -1,12 +1,15 @@
 """Metrics: one JSON object per line in `workdir/metrics.jsonl`, and Weights & Biases when enabled.
 
 Only process 0 writes. Lines are appended and flushed one by one, so a crash loses at most the line
-being written. On resume, lines of steps after the restored checkpoint are dropped first: those
+being written. Object stores cannot append, so on a gs:// workdir the file is rewritten whole at each
+log line (it stays small: one line per `log_every` steps). On resume, lines of steps after the restored checkpoint are dropped first: those
 steps are about to be recomputed, and the file then holds each step once, from the run that the
 checkpoints continue.
 
-W&B runs offline (files under the workdir, `wandb sync` later) when no WANDB_API_KEY is set, and a
-resumed run continues the same W&B run (its id is kept in the workdir). The key is never logged.
+W&B runs offline (files under `workdir/wandb`, `wandb sync` later) when no API key is available
+(neither WANDB_API_KEY nor a `wandb login` entry in ~/.netrc), and says so once per process. A resumed
+run continues the same W&B run (its id is kept in the workdir). The key is never logged, and
+secret-looking config fields are redacted before the config reaches W&B.
 """
 
 from __future__ import annotations
@@ -14,16 +17,23 @@ from __future__ import annotations
 import json
 import logging
 import math
+import netrc
 import os
 import pathlib
 import secrets
+import urllib.parse
+from collections.abc import Sequence
 from typing import Any
 
 import jax
+from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id.txt"
 WANDB_ID_BYTES = 6  # a run id of 12 lowercase hex characters (W&B ids allow [a-z0-9])
+WANDB_DEFAULT_HOST = "https://api.wandb.ai"
+
+_offline_notice_given = False  # the offline-mode notice is logged once per process, not once per logger
 
 
 def _json_value(value: Any) -> Any:
@@ -36,8 +46,8 @@ def _json_value(value: Any) -> Any:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl; a torn last line (crash mid-write) is skipped."""
-    path = pathlib.Path(path)
+    """The records of a metrics.jsonl (local or gs://); a torn last line (crash mid-write) is skipped."""
+    path = epath.Path(path)
     if not path.exists():
         return []
     records = []
@@ -52,6 +62,12 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 def truncate_after(path: str | os.PathLike, step: int) -> int:
     """Rewrites metrics.jsonl keeping only records with record['step'] <= step (atomically); returns
     how many records were dropped."""
+    if _is_remote(path):
+        records = read_metrics(path)
+        kept = [r for r in records if r.get("step", 0) <= step]
+        if len(kept) < len(records):
+            epath.Path(path).write_text("".join(json.dumps(r) + "\n" for r in kept))
+        return len(records) - len(kept)
     path = pathlib.Path(path)
     if not path.exists():
         return 0
@@ -71,11 +87,16 @@ class MetricsLogger:
 
     def __init__(self, workdir: str | os.PathLike, *, resume_step: int = 0, use_wandb: bool = False,
                  wandb_project: str = "distillspec-jax", run_name: str | None = None,
-                 config: dict[str, Any] | None = None):
-        self.workdir = pathlib.Path(workdir)
+                 config: dict[str, Any] | None = None, wandb_entity: str | None = None,
+                 wandb_tags: Sequence[str] | str = ()):
+        """`run_name` None or '' names the W&B run after the workdir; `wandb_entity` None or '' means the
+        key's default entity; `wandb_tags` is a sequence or a comma-separated string."""
+        self.remote = _is_remote(workdir)
+        self.workdir = epath.Path(workdir) if self.remote else pathlib.Path(workdir)
         self.path = self.workdir / METRICS_FILE
         self.active = jax.process_index() == 0
         self._file = None
+        self._records: list[dict[str, Any]] = []  # gs:// only: the file's content, rewritten at each line
         self._wandb = None
         if not self.active:
             return
@@ -83,42 +104,85 @@ class MetricsLogger:
         dropped = truncate_after(self.path, resume_step)
         if dropped:
             logging.info("metrics: dropped %d lines after step %d (recomputed after resume)", dropped, resume_step)
-        self._file = open(self.path, "a")
+        if self.remote:
+            self._records = read_metrics(self.path)
+        else:
+            self._file = open(self.path, "a")
         if use_wandb:
-            self._wandb = _start_wandb(self.workdir, wandb_project, run_name, config or {})
+            self._wandb = _start_wandb(self.workdir, wandb_project, run_name, config or {},
+                                       entity=wandb_entity, tags=wandb_tags)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.active:
             return
         record = {"step": int(step), **{k: _json_value(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self.remote:
+            self._records.append(record)
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self._records))
+        else:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=int(step))
 
-    def close(self) -> None:
+    def close(self, exit_code: int | None = None) -> None:
+        """Closes the file and finishes the W&B run (marked failed when `exit_code` is non-zero)."""
         if self._file is not None:
             self._file.close()
             self._file = None
         if self._wandb is not None:
-            self._wandb.finish()
+            self._wandb.finish(exit_code=exit_code)
             self._wandb = None
 
     def __enter__(self) -> MetricsLogger:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(exit_code=None if exc_type is None else 1)
 
 
-def _start_wandb(workdir: pathlib.Path, project: str, run_name: str | None, config: dict[str, Any]):
+def _is_remote(path: str | os.PathLike) -> bool:
+    return str(path).startswith("gs://")
+
+
+def _have_wandb_key() -> bool:
+    """Whether W&B credentials are available without asking: WANDB_API_KEY, an identity token file, or
+    a `wandb login` entry in the netrc file for the W&B host. Only their presence is checked."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL") or WANDB_DEFAULT_HOST).hostname
+    netrc_path = os.path.expanduser(os.environ.get("NETRC") or "~/.netrc")
+    try:
+        entry = netrc.netrc(netrc_path).authenticators(host) if os.path.exists(netrc_path) else None
+    except (netrc.NetrcParseError, OSError):
+        return False
+    return bool(entry and entry[2])
+
+
+def _start_wandb(workdir: pathlib.Path, project: str, run_name: str | None, config: dict[str, Any], *,
+                 entity: str | None = None, tags: Sequence[str] | str = ()):
     import wandb
 
+    from distillspec_jax.workdir import redact
+
+    global _offline_notice_given
     # Offline unless a key is available; an explicit WANDB_MODE from the environment wins.
-    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    explicit_mode = os.environ.get("WANDB_MODE")
+    mode = explicit_mode or ("online" if _have_wandb_key() else "offline")
+    if mode in ("offline", "dryrun") and not _offline_notice_given:
+        _offline_notice_given = True
+        why = "WANDB_MODE=" + explicit_mode if explicit_mode else "no W&B API key (WANDB_API_KEY or `wandb login`)"
+        logging.warning("W&B runs in offline mode (%s): runs are kept under %s; upload them later with "
+                        "`wandb sync %s`", why, workdir / "wandb", workdir / "wandb" / "offline-run-*")
     id_file = workdir / WANDB_ID_FILE
     run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(WANDB_ID_BYTES)
     id_file.write_text(run_id + "\n")
-    logging.info("W&B run %s in %s mode", run_id, mode)
-    return wandb.init(project=project, name=run_name, id=run_id, resume="allow", dir=str(workdir),
-                      config=config, mode=mode)
+    if isinstance(tags, str):
+        tags = [t.strip() for t in tags.split(",")]
+    tags = [str(t) for t in tags if str(t)]
+    if hasattr(config, "to_dict"):  # an ml_collections ConfigDict: plain nested dicts, so redact sees them
+        config = config.to_dict()
+    name = run_name or workdir.resolve().name
+    logging.info("W&B run %s (%s) in project %s", run_id, name, project)
+    return wandb.init(project=project, entity=entity or None, name=name, tags=tags or None, id=run_id,
+                      resume="allow", dir=str(workdir), config=redact(dict(config)), mode=mode)

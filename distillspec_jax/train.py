@@ -28,7 +28,6 @@ import dataclasses
 import logging
 import math
 import os
-import pathlib
 import signal
 import threading
 import time
@@ -484,7 +483,6 @@ def run(cfg: TrainConfig, distiller: Distiller, batches: BatchSource, workdir: s
     preempted=True). A NaN or infinite loss or gradient norm raises NonFiniteLossError naming the
     step; that state is never saved, so the last checkpoint stays the last good one.
     """
-    workdir = pathlib.Path(workdir)
     checkpointer = Checkpointer(workdir, cfg.keep_checkpoints)
     if checkpointer.latest_step() is not None:
         step, state, position, rng = checkpointer.restore(distiller.abstract_state())

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Runs main.py on this machine's CPU, optionally with N fake devices (to exercise the sharded code
+# paths: data/fsdp/tensor meshes behave as on N accelerators, only slower).
+set -euo pipefail
+
+PROG=launch/local.sh
+usage() {
+  cat <<EOF
+Usage: $PROG --workdir DIR [options] [--config.FIELD=VALUE ...] [-- MAIN_ARGS ...]
+
+Runs main.py on CPU in one process. Creates the virtual environment first when it is missing.
+
+Options:
+  --config FILE[:PRESET]  experiment config, relative to the repository root
+                          (default: configs/jsd.py:tiny)
+  --workdir DIR           run directory; a rerun with the same DIR resumes (required)
+  --devices N             fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N);
+                          default: 1, or whatever XLA_FLAGS already says
+  --venv DIR              virtual environment (default: REPO/.venv); created when missing
+  --python PYTHON         interpreter that creates the venv (default: python3; needs 3.11+)
+  --reinstall             (re)install requirements into an existing venv
+  --dry-run               print every command (one per line, prefixed '[dry-run] ') and run nothing
+  -h, --help              this help
+
+Arguments --config.FIELD=VALUE, and everything after '--', go to main.py unchanged.
+
+Example:
+  $PROG --workdir runs/tiny-jsd --devices 8 --config.mesh.fsdp=2
+EOF
+}
+
+# ---- helpers shared by the launch scripts (kept alike; each script stands alone) -------------
+DRY_RUN=0
+die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 2; }
+# Shell-quotes one word only when it needs it (and in --flag=VALUE only the value), so printed
+# commands stay readable and can be pasted into a shell.
+quote() {
+  if [[ $1 =~ ^[A-Za-z0-9_@%+=:,./-]*$ && -n $1 ]]; then
+    printf '%s' "$1"
+  elif [[ $1 =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
+    printf '%s' "${BASH_REMATCH[1]}"
+    quote "${BASH_REMATCH[2]}"
+  else
+    printf "'%s'" "${1//\'/\'\\\'\'}"
+  fi
+}
+show() { local out="" word; for word in "$@"; do out+="${out:+ }$(quote "$word")"; done; printf '%s' "$out"; }
+# Runs a command, or prints it under --dry-run; either way it is echoed first.
+run() {
+  if ((DRY_RUN)); then printf '[dry-run] %s\n' "$(show "$@")"; return 0; fi
+  printf '+ %s\n' "$(show "$@")" >&2
+  "$@"
+}
+# Exports a variable (printed as an export line under --dry-run).
+setenv() {
+  if ((DRY_RUN)); then printf '[dry-run] export %s=%s\n' "$1" "$(quote "$2")"; else printf '+ export %s=%s\n' "$1" "$(quote "$2")" >&2; fi
+  export "$1=$2"
+}
+need_value() { [[ $# -ge 2 && -n $2 && $2 != --* ]] || die "$1 needs a value (see --help)"; }
+# ------------------------------------------------------------------------------------------------
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+config=configs/jsd.py:tiny
+workdir=""
+devices=""
+venv=""
+python=python3
+reinstall=0
+main_args=()
+
+while (($#)); do
+  case $1 in
+    --config) need_value "$@"; config=$2; shift 2 ;;
+    --config=*) config=${1#*=}; shift ;;
+    --config.*) main_args+=("$1"); shift ;;
+    --workdir) need_value "$@"; workdir=$2; shift 2 ;;
+    --workdir=*) workdir=${1#*=}; shift ;;
+    --devices) need_value "$@"; devices=$2; shift 2 ;;
+    --devices=*) devices=${1#*=}; shift ;;
+    --venv) need_value "$@"; venv=$2; shift 2 ;;
+    --venv=*) venv=${1#*=}; shift ;;
+    --python) need_value "$@"; python=$2; shift 2 ;;
+    --python=*) python=${1#*=}; shift ;;
+    --reinstall) reinstall=1; shift ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    -h | --help) usage; exit 0 ;;
+    --) shift; main_args+=("$@"); break ;;
+    *) die "unknown argument '$1' (main.py overrides look like --config.FIELD=VALUE; see --help)" ;;
+  esac
+done
+
+[[ -n $workdir ]] || die "missing --workdir DIR (the run directory, e.g. --workdir runs/tiny-jsd)"
+if [[ -n $devices && ! $devices =~ ^[1-9][0-9]*$ ]]; then
+  die "--devices needs a positive integer, got '$devices'"
+fi
+venv=${venv:-$REPO/.venv}
+# Relative paths mean the caller's directory, although main.py runs from the repository root.
+[[ $workdir == *://* || $workdir == /* ]] || workdir=$PWD/$workdir
+[[ $venv == /* ]] || venv=$PWD/$venv
+
+if [[ ! -x $venv/bin/python ]]; then
+  run "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+    die "$python is older than 3.11; pass --python python3.11 (or newer)"
+  run "$python" -m venv "$venv"
+  reinstall=1
+fi
+if ((reinstall)); then
+  run "$venv/bin/python" -m pip install --upgrade pip
+  run "$venv/bin/python" -m pip install -U jax -r "$REPO/requirements.txt"
+fi
+
+setenv JAX_PLATFORMS cpu
+if [[ -n $devices ]]; then
+  # Drop any earlier device count so the flag given here wins.
+  xla_flags=$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g; s/  +/ /g; s/^ //; s/ $//')
+  setenv XLA_FLAGS "${xla_flags:+$xla_flags }--xla_force_host_platform_device_count=$devices"
+fi
+
+run cd "$REPO"
+# One process: distributed=off, so a SLURM or TPU environment around this shell is not mistaken for
+# a multi-process job. Overrides given on the command line come later and win.
+run "$venv/bin/python" main.py "--config=$config" "--workdir=$workdir" --config.distributed=off "${main_args[@]}"
