@@ -87,6 +87,22 @@ def test_stdlib_corpus_is_deterministic_library_source():
     assert "os.py" in paths and all(r["text"] for r in a)
 
 
+def test_stdlib_docstrings_are_real_prose_of_library_objects():
+    import ast
+    import sysconfig
+
+    rows = sources.load("stdlib_docstrings", limit=50)
+    assert len(rows) == 50 and rows == sources.stdlib_docstrings(limit=50)
+    assert all(len(r["text"]) >= sources.DOCSTRING_MIN_CHARS for r in rows)
+    # Each text is the docstring of some module, class or function of the file it names.
+    root = sysconfig.get_paths()["stdlib"]
+    for row in rows[:10]:
+        tree = ast.parse(open(f"{root}/{row['path']}", encoding="utf-8").read())
+        docs = {ast.get_docstring(n) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))}
+        assert row["text"] in docs
+
+
 def test_unknown_source_is_an_error():
     with pytest.raises(sources.DataSourceError, match="unknown data source 'csv'"):
         sources.load("csv", "x")
