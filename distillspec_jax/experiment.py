@@ -399,17 +399,35 @@ def distilled_draft(c: ConfigDict, workdir: str, mesh) -> qwen3.Qwen3:
 # ----------------------------------------------------------------------------------------------
 
 
+def tau_checks(before: list[dict], after: list[dict]) -> dict[str, Any]:
+    """Whether distillation raised τ: per temperature and γ, and over every γ >= 2 (the `:tiny` criterion)."""
+    tau_before = {(r["temperature"], r["gamma"]): r["block_efficiency"] for r in before}
+    improved = {}
+    for r in after:
+        key = (r["temperature"], r["gamma"])
+        if key in tau_before:
+            improved[key] = r["block_efficiency"] > tau_before[key]
+    by_temperature: dict[str, dict[str, bool]] = {}
+    for (temperature, gamma), up in sorted(improved.items()):
+        by_temperature.setdefault(f"{temperature:g}", {})[str(gamma)] = up
+    return {"tau_after_exceeds_before": by_temperature,
+            "every_gamma_ge_2": bool(improved) and all(up for (_, g), up in improved.items() if g >= 2)}
+
+
 def results(c: ConfigDict, workdir: str) -> dict[str, Any]:
-    """results.json: the run's identity, both evaluations (one row per temperature and γ), and training."""
+    """results.json: the run's identity, both evaluations (one row per temperature and γ), training, checks."""
+    before = wd.read_json(wd.path(workdir, STAGE_FILES["eval_before"])) or []
+    after = wd.read_json(wd.path(workdir, STAGE_FILES["eval_after"])) or []
     return {
         "schema": RESULTS_SCHEMA,
         "run": {"name": os.path.basename(os.path.normpath(str(workdir))), "divergence": c.distill.divergence,
                 "jsd_beta": c.distill.jsd_beta, "adaspec_fraction": c.distill.adaspec_fraction,
                 "generator": c.generator.kind, "mix_lambda": c.generator.mix_lambda, "seed": c.seed,
                 "target": c.target.model, "draft": c.draft.model, "task": c.data.task, "steps": c.distill.steps},
-        "before": wd.read_json(wd.path(workdir, STAGE_FILES["eval_before"])) or [],
-        "after": wd.read_json(wd.path(workdir, STAGE_FILES["eval_after"])) or [],
+        "before": before,
+        "after": after,
         "training": wd.read_json(wd.path(workdir, STAGE_FILES["distill"])) or {},
+        "checks": tau_checks(before, after),
     }
 
 

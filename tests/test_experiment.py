@@ -4,6 +4,7 @@ guard, and the early errors that bad settings get before any model is loaded or 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -29,6 +30,12 @@ def test_pipeline_writes_every_output(pipeline_workdir):
         assert {(r["temperature"], r["gamma"]) for r in rows} == expected_keys
         for r in rows:
             assert 1.0 <= r["block_efficiency"] <= r["gamma"] + 1
+            # τ is consistent with the counts: emitted / calls, and each call emits its accepted drafts + 1
+            # (fewer only where an EOS or the budget cuts the block).
+            assert r["block_efficiency"] == pytest.approx(r["emitted_tokens"] / r["target_calls"])
+            assert r["emitted_tokens"] <= r["accepted_tokens"] + r["target_calls"]
+            assert r["acceptance_rate"] == pytest.approx(r["accepted_tokens"] / r["proposed_tokens"])
+            assert r["proposed_tokens"] == r["gamma"] * r["target_calls"]
             assert 0.0 <= r["acceptance_rate"] <= 1.0
             assert len(r["per_position_acceptance"]) == r["gamma"]
             assert r["rows"] == c.eval.num_prompts
@@ -38,6 +45,10 @@ def test_pipeline_writes_every_output(pipeline_workdir):
     assert res["run"]["divergence"] == "jsd" and res["run"]["generator"] == c.generator.kind
     lines = [json.loads(x) for x in (pipeline_workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(c.distill.log_every, c.distill.steps + 1, c.distill.log_every))
+    assert lines[-1]["divergence"] < lines[0]["divergence"]  # the distillation loss went down
+    checks = res["checks"]["tau_after_exceeds_before"]
+    assert set(checks) == {f"{t:g}" for t in c.eval.temperatures}
+    assert all(set(v) == {str(g) for g in c.eval.gammas} for v in checks.values())
     stored = json.loads((pipeline_workdir / "config.json").read_text())
     assert stored["distill"]["divergence"] == "jsd" and stored["eval"]["gammas"] == list(c.eval.gammas)
     stdout = (pipeline_workdir / "stdout.txt").read_text()
@@ -82,6 +93,48 @@ def test_rerun_skips_finished_stages(pipeline_workdir, tmp_path):
     assert (workdir / "eval_before.json").read_text() == before
     assert (workdir / "metrics.jsonl").read_text() == metrics
     assert _results(workdir)["after"]
+
+
+def _comparable(res: dict) -> dict:
+    """results.json without wall-clock figures, which differ between any two runs."""
+    timed = ("time_s", "speedup", "cost_ratio")
+    strip = lambda rows: [{k: v for k, v in r.items() if not any(t in k for t in timed)} for r in rows]  # noqa: E731
+    return {"before": strip(res["before"]), "after": strip(res["after"]), "steps": res["training"]["steps"],
+            "data_position": res["training"]["data_position"]}
+
+
+def test_interrupted_run_resumes_to_the_same_results(pipeline_workdir, tmp_path):
+    # SIGTERM during distillation: the run checkpoints and exits cleanly; rerunning the same command
+    # finishes with the same results as the uninterrupted pipeline (timings aside).
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import PIPELINE_ARGS, REPO
+
+    workdir = tmp_path / "interrupted"
+    workdir.mkdir()
+    for name in ("models", "data"):  # the prepared models and data of the same config, to save time
+        shutil.copytree(pipeline_workdir / name, workdir / name)
+    shutil.copy2(pipeline_workdir / "eval_before.json", workdir / "eval_before.json")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen([sys.executable, "main.py", *PIPELINE_ARGS, f"--workdir={workdir}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "main.py ended before training logged"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "rerun the same command to resume" in stdout
+    assert not (workdir / "results.json").exists()
+    stopped_at = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert stopped_at < jsd.get_config("test").distill.steps
+    run_main(workdir)
+    assert _comparable(_results(workdir)) == _comparable(_results(pipeline_workdir))
 
 
 def test_changed_config_is_refused_without_overwrite(pipeline_workdir, tmp_path):
