@@ -455,6 +455,12 @@ def format_table(res: dict[str, Any]) -> str:
 def report(c: ConfigDict, workdir: str) -> dict[str, Any]:
     res = results(c, workdir)
     wd.write_json(wd.path(workdir, STAGE_FILES["report"]), res)
+    if c.tracking.wandb and not str(workdir).startswith("gs://"):
+        from distillspec_jax import tracking
+
+        tracking.upload_files(str(wd.path(workdir)), [STAGE_FILES["report"], "metrics.jsonl", wd.CONFIG_FILE],
+                              project=c.tracking.project, run_name=c.tracking.run_name or res["run"]["name"],
+                              config=c.to_dict(), entity=c.tracking.entity, tags=tuple(c.tracking.tags))
     if jax.process_index() == 0:
         try:
             from analysis import plots

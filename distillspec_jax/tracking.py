@@ -186,3 +186,23 @@ def _start_wandb(workdir: pathlib.Path, project: str, run_name: str | None, conf
     logging.info("W&B run %s (%s) in project %s", run_id, name, project)
     return wandb.init(project=project, entity=entity or None, name=name, tags=tags or None, id=run_id,
                       resume="allow", dir=str(workdir), config=redact(dict(config)), mode=mode)
+
+
+def upload_files(workdir: str | os.PathLike, names: Sequence[str], *, project: str, run_name: str | None = None,
+                 config: dict[str, Any] | None = None, entity: str | None = None,
+                 tags: Sequence[str] | str = ()) -> list[str]:
+    """Attaches workdir files (results.json, metrics.jsonl, config.json) to the workdir's W&B run (same id),
+    so that a notebook can fetch a run's results from W&B alone. Process 0 only; returns the names saved."""
+    if jax.process_index() != 0:
+        return []
+    workdir = pathlib.Path(workdir)
+    run = _start_wandb(workdir, project, run_name, config or {}, entity=entity, tags=tags)
+    saved = []
+    try:
+        for name in names:
+            if (workdir / name).is_file():
+                run.save(str(workdir / name), base_path=str(workdir), policy="now")
+                saved.append(name)
+    finally:
+        run.finish()
+    return saved

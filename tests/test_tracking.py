@@ -195,3 +195,18 @@ def test_a_stored_wandb_login_counts_as_a_key(wandb_env, tmp_path):
     assert not tracking._have_wandb_key()
     wandb_env.setenv("WANDB_API_KEY", FAKE_KEY)
     assert tracking._have_wandb_key()
+
+
+def test_upload_files_attaches_results_to_the_same_wandb_run(wandb_env, tmp_path):
+    # The notebook reads results from W&B alone: report() attaches results.json etc. to the run's id.
+    workdir = tmp_path / "run"
+    with tracking.MetricsLogger(workdir, use_wandb=True, wandb_project="ds-test") as logger:
+        logger.log(1, {"loss": 0.5})
+    (workdir / "results.json").write_text('{"schema": 1}\n')
+    saved = tracking.upload_files(workdir, ["results.json", "metrics.jsonl", "missing.json"], project="ds-test")
+    assert saved == ["results.json", "metrics.jsonl"]
+    run_id = (workdir / tracking.WANDB_ID_FILE).read_text().strip()
+    runs = _offline_runs(workdir)
+    assert len(runs) == 2 and all(r.name.endswith("-" + run_id) for r in runs)  # the same run, resumed
+    uploaded = runs[-1] / "files" / "results.json"
+    assert uploaded.is_file() and uploaded.read_text() == '{"schema": 1}\n'
