@@ -133,10 +133,11 @@ def _shellcheck() -> str:
     return found
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", [*SCRIPTS, "common.sh"])
 def test_launch_script_passes_shellcheck(script):
-    result = subprocess.run([_shellcheck(), "--shell=bash", "--severity=style", str(LAUNCH / script)],
-                            capture_output=True, text=True, timeout=60)
+    # -x follows `source launch/common.sh` (paths relative to the repository root, where this runs).
+    result = subprocess.run([_shellcheck(), "-x", "--shell=bash", "--severity=style", f"launch/{script}"],
+                            capture_output=True, text=True, timeout=60, cwd=LAUNCH.parent)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

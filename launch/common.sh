@@ -1,0 +1,31 @@
+# Helpers shared by the launch scripts; sourced, never run. Each script sets PROG (its name in messages)
+# before sourcing, and sets DRY_RUN=1 for --dry-run.
+# shellcheck shell=bash
+
+DRY_RUN=0
+die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 2; }
+# Shell-quotes one word only when it needs it (and in --flag=VALUE only the value), so printed
+# commands stay readable and can be pasted into a shell.
+quote() {
+  if [[ $1 =~ ^[A-Za-z0-9_@%+=:,./-]*$ && -n $1 ]]; then
+    printf '%s' "$1"
+  elif [[ $1 =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
+    printf '%s' "${BASH_REMATCH[1]}"
+    quote "${BASH_REMATCH[2]}"
+  else
+    printf "'%s'" "${1//\'/\'\\\'\'}"
+  fi
+}
+show() { local out="" word; for word in "$@"; do out+="${out:+ }$(quote "$word")"; done; printf '%s' "$out"; }
+# Runs a command, or prints it under --dry-run; either way it is echoed first.
+run() {
+  if ((DRY_RUN)); then printf '[dry-run] %s\n' "$(show "$@")"; return 0; fi
+  printf '+ %s\n' "$(show "$@")" >&2
+  "$@"
+}
+# Exports a variable (printed as an export line under --dry-run).
+setenv() {
+  if ((DRY_RUN)); then printf '[dry-run] export %s=%s\n' "$1" "$(quote "$2")"; else printf '+ export %s=%s\n' "$1" "$(quote "$2")" >&2; fi
+  export "$1=$2"
+}
+need_value() { [[ $# -ge 2 && -n $2 && $2 != --* ]] || die "$1 needs a value (see --help)"; }
