@@ -39,6 +39,7 @@ def base() -> ConfigDict:
     c.stages = ",".join(STAGES)  # comma-separated subset of: prepare,data,eval_before,distill,eval_after,report
     c.overwrite = False  # allow reusing a workdir whose run had a different config (its outputs are discarded)
     c.plots = True  # report stage: write PNG plots and a markdown table into <workdir>/plots
+    c.compilation_cache = "auto"  # JAX persistent compilation cache: a folder, 'auto' (<model cache>/xla_cache), or '' (off)
     c.distributed = "auto"  # jax.distributed.initialize: auto (when the launcher's environment asks) | on | off
 
     c.target = _model("Qwen/Qwen3-8B", dtype="bfloat16", param_dtype="bfloat16")  # frozen teacher

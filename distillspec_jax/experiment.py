@@ -41,6 +41,7 @@ TINY = "tiny"  # model source / tokenizer name of the embedded offline default
 OFFLINE_QWEN3_TOKENIZER = "qwen3_offline"
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")  # end a chat turn / a document; both end a generated response
 DATA_DIR, MODELS_DIR, DISTILLED_DIR, REFERENCE_DIR = "data", "models", "distilled", "reference"
+XLA_CACHE_DIR = "xla_cache"  # JAX's persistent compilation cache, beside the cached models
 STAGE_FILES = {"data": f"{DATA_DIR}/train.json", "eval_before": "eval_before.json",
                "distill": f"{DISTILLED_DIR}/summary.json", "eval_after": "eval_after.json", "report": "results.json"}
 RESULTS_SCHEMA = 1
@@ -195,9 +196,24 @@ def _load_tokenizer(c: ConfigDict, target_dir: str, tiny_tokenizer: str | None):
     return tok.load_tokenizer(local if os.path.isdir(local) else c.target.model)
 
 
+def model_cache(c: ConfigDict, workdir: str) -> wd.epath.Path:
+    """Where converted (or built) models are cached: config.tiny.cache_dir, else <workdir>/models."""
+    return wd.path(c.tiny.cache_dir) if c.tiny.cache_dir else wd.path(workdir, MODELS_DIR)
+
+
+def enable_compilation_cache(c: ConfigDict, workdir: str) -> str | None:
+    """Turns on JAX's persistent compilation cache, so a rerun (or another run sharing the model cache)
+    loads compiled decode loops and train steps instead of compiling them again."""
+    if not c.compilation_cache:
+        return None
+    folder = str(model_cache(c, workdir) / XLA_CACHE_DIR) if c.compilation_cache == "auto" else c.compilation_cache
+    jax.config.update("jax_compilation_cache_dir", folder)
+    return folder
+
+
 def prepare(c: ConfigDict, workdir: str, mesh) -> Models:
     """Converts (once) and loads both models on the mesh; checks they share a vocabulary before loading."""
-    cache = wd.path(c.tiny.cache_dir) if c.tiny.cache_dir else wd.path(workdir, MODELS_DIR)
+    cache = model_cache(c, workdir)
     tiny_tokenizer = None
     if c.target.model == TINY:
         from distillspec_jax import tiny
@@ -489,6 +505,7 @@ def run(c: ConfigDict, workdir: str) -> dict[str, Any] | None:
         print(f"[run] config changed and overwrite=True: discarding the earlier outputs in {workdir}", flush=True)
         wd.discard_outputs(workdir)
     wd.write_json(wd.path(workdir, wd.CONFIG_FILE), config)
+    enable_compilation_cache(c, workdir)
     done = {s for s, f in STAGE_FILES.items() if wd.path(workdir, f).exists()}
     todo = [s for s in stages if s == "prepare" or s == "report" or s not in done]
     print(f"[run] workdir {wd.path(workdir)}; stages {','.join(stages)}; already done: "

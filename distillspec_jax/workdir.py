@@ -26,7 +26,8 @@ from etils import epath
 
 CONFIG_FILE = "config.json"
 # Fields that change how a run is executed or reported, not what it computes: a rerun may change them.
-RERUNNABLE_FIELDS = ("stages", "overwrite", "distributed", "tracking", "plots", "eval.timing_repeats", "tiny.cache_dir")
+RERUNNABLE_FIELDS = ("stages", "overwrite", "distributed", "tracking", "plots", "compilation_cache",
+                     "eval.timing_repeats", "tiny.cache_dir")
 # Key names whose values never reach a file: the W&B key would otherwise be one override away.
 SECRET_MARKERS = ("api_key", "token", "secret", "password")
 

@@ -210,3 +210,19 @@ def test_prepare_refuses_different_vocabularies(tmp_path):
     with pytest.raises(ValueError, match="vocabularies differ"):
         experiment.prepare(c, str(tmp_path / "w"), shd.make_mesh(-1, 1, 1))
     assert [(p / "qwen3_config.json").stat().st_mtime_ns for p in converted] == stamps
+
+
+def test_compilation_cache_sits_beside_the_model_cache(tmp_path):
+    import jax
+
+    c = jsd.get_config("test")
+    previous = jax.config.jax_compilation_cache_dir
+    try:
+        assert experiment.enable_compilation_cache(c, str(tmp_path)) == str(tmp_path / "models" / "xla_cache")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "models" / "xla_cache")
+        c.tiny.cache_dir = str(tmp_path / "shared")
+        assert experiment.enable_compilation_cache(c, str(tmp_path)) == str(tmp_path / "shared" / "xla_cache")
+        c.compilation_cache = ""
+        assert experiment.enable_compilation_cache(c, str(tmp_path)) is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)
