@@ -1,0 +1,159 @@
+"""Distillation train-step throughput: tokens/s, MFU and peak memory of `train.Distiller.step` (student
+forward + backward + AdamW, frozen teacher forward), with the chunked loss on and off.
+
+    python -m bench.distill_step                                                   # CPU: small shapes
+    python -m bench.distill_step --student=0.6b --teacher=1.7b --dtype=bfloat16 --seq_len=1024 --batch=8   # GPU
+
+FLOPs per token (model FLOPs, PaLM's convention): 6·N_student + 2·N_teacher for the matmul weights (N counts
+every weight used in a matmul, the LM head included, an untied input embedding excluded), plus attention:
+3 · 4·L·N_heads·H·T for the student (forward and backward) and 4·L·N_heads·H·T for the teacher, with the
+full T keys a position's attention computes. Recomputation (the chunked loss re-forms each chunk's logits in
+the backward pass; --remat recomputes layers) is work the hardware does but is not counted, so MFU is a
+lower bound on hardware utilisation.
+
+Peak FLOP/s: the bfloat16 dense datasheet figure of a known GPU/TPU (H100/H200 989e12, A100 312e12, TPU v4
+275e12, v5e 197e12, v5p 459e12), otherwise (a CPU) measured with a jitted matmul in the compute dtype.
+Peak memory: on GPU/TPU `device.memory_stats()['peak_bytes_in_use']` after the timed steps; everywhere the
+compiled step's own estimate from `memory_analysis()` (arguments + outputs − donated aliases + temporaries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from bench import common
+from distillspec_jax import sharding as shd
+from distillspec_jax import train
+from distillspec_jax.models import qwen3
+
+
+def step_flops_per_token(student: qwen3.Qwen3Config, teacher: qwen3.Qwen3Config, seq_len: int) -> dict[str, float]:
+    student_attn = 3 * common.attention_flops_per_token(student, seq_len)
+    teacher_attn = common.attention_flops_per_token(teacher, seq_len)
+    matmul = 6.0 * common.matmul_params(student) + 2.0 * common.matmul_params(teacher)
+    return {"matmul": matmul, "attention": student_attn + teacher_attn,
+            "total": matmul + student_attn + teacher_attn}
+
+
+def memory_analysis(compiled) -> dict[str, Any]:
+    """The compiled executable's own memory figures (bytes), or why they are unavailable."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception as e:  # some backends do not implement it
+        return {"available": False, "reason": f"{type(e).__name__}: {e}"}
+    if stats is None:
+        return {"available": False, "reason": "memory_analysis() returned None on this backend"}
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+              "generated_code_size_in_bytes")
+    out: dict[str, Any] = {"available": True, **{f: int(getattr(stats, f, 0)) for f in fields}}
+    out["peak_estimate_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                                  - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
+    return out
+
+
+def device_peak_bytes() -> int | None:
+    """Peak bytes in use on device 0 (GPU/TPU); None where the runtime keeps no such statistic (CPU)."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:
+        return None
+    return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def random_batch(batch: int, seq_len: int, cfg: qwen3.Qwen3Config, seed: int) -> dict[str, np.ndarray]:
+    """Random token ids; the loss counts the second half of each row (the response after a prompt)."""
+    tokens = np.random.default_rng(seed).integers(0, cfg.real_vocab_size, size=(batch, seq_len), dtype=np.int32)
+    loss_mask = np.zeros((batch, seq_len), np.float32)
+    loss_mask[:, seq_len // 2: seq_len - 1] = 1.0
+    return {"tokens": tokens, "loss_mask": loss_mask}
+
+
+def measure(args: argparse.Namespace, loss_chunk: int, student_cfg: qwen3.Qwen3Config, teacher: qwen3.Qwen3,
+            mesh, flops_per_token: float, peak: float) -> dict[str, Any]:
+    """One configuration: compile, then the median step time over args.runs steps."""
+    cfg = train.TrainConfig(divergence=args.divergence, loss_chunk=loss_chunk, warmup_steps=1,
+                            total_steps=max(2, args.runs + 2), grad_clip_norm=1.0)
+    # A fresh student per configuration: the step donates the state, whose first buffers are the model's own.
+    distiller = train.Distiller(cfg, common.build_model(student_cfg, args.seed), teacher, mesh)
+    batch = distiller.global_batch(random_batch(args.batch, args.seq_len, student_cfg, args.seed))
+    state = distiller.init_state()
+
+    # The step compiled ahead of time (the same function as `distiller.step`, state donated), so that its memory
+    # analysis and its compile time come from the executable that is then timed, compiled once.
+    start = time.perf_counter()
+    compiled = jax.jit(distiller.step, donate_argnums=0).lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        return holder["state"], metrics
+
+    first_s, step_s, (_, metrics) = common.first_and_median(one_step, args.runs)
+    tokens = args.batch * args.seq_len
+    achieved = flops_per_token * tokens / step_s
+    return {
+        "loss_chunk": loss_chunk, "step_s": step_s, "first_call_s": first_s, "compile_s": compile_s,
+        "tokens_per_s": tokens / step_s, "model_flops_per_s": achieved, "mfu": achieved / peak,
+        "loss": float(metrics["loss"]), "peak_bytes_in_use": device_peak_bytes(),
+        "compiled_memory": memory_analysis(compiled),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--student", default="small-draft", choices=common.MODEL_CHOICES, help="student (draft) shape")
+    parser.add_argument("--teacher", default="small", choices=common.MODEL_CHOICES, help="teacher (target) shape")
+    parser.add_argument("--dtype", default="float32", choices=sorted(qwen3.DTYPES),
+                        help="compute dtype of both models and the teacher's parameter dtype")
+    parser.add_argument("--student_param_dtype", default="float32", choices=sorted(qwen3.DTYPES),
+                        help="the student's parameter (and optimizer state) dtype")
+    parser.add_argument("--vocab_size", type=int, default=None, help="override both shapes' vocabulary size")
+    parser.add_argument("--remat", action="store_true", help="rematerialise the student's layers")
+    parser.add_argument("--divergence", default="fkl", help="registered divergence (fkl | rkl | jsd | tvd)")
+    parser.add_argument("--batch", type=int, default=8, help="global batch B (sequences per step)")
+    parser.add_argument("--seq_len", type=int, default=1024, help="tokens T per sequence")
+    parser.add_argument("--loss_chunks", type=common.int_list_or_zero, default=[128, 0],
+                        help="loss chunk sizes to compare; 0 = unchunked")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
+    parser.add_argument("--runs", type=int, default=3, help="timed steps (the median is reported)")
+    args = parser.parse_args(argv)
+
+    teacher_cfg = common.model_config(args.teacher, args.dtype, args.vocab_size)
+    student_cfg = common.model_config(args.student, args.dtype, args.vocab_size).replace(
+        param_dtype=args.student_param_dtype, remat=args.remat)
+    if (student_cfg.vocab_size, student_cfg.real_vocab_size) != (teacher_cfg.vocab_size, teacher_cfg.real_vocab_size):
+        parser.error(f"student and teacher vocabularies differ ({student_cfg.vocab_size} vs {teacher_cfg.vocab_size}); "
+                     "pick shapes of one family or set --vocab_size")
+    common.log(f"student {args.student} ({student_cfg.num_params() / 1e6:.1f}M), teacher {args.teacher} "
+               f"({teacher_cfg.num_params() / 1e6:.1f}M), B={args.batch} T={args.seq_len}")
+    teacher = common.build_model(teacher_cfg, args.seed + 1)
+    mesh = shd.make_mesh(-1, 1, 1)  # data parallel over every local device (one GPU: a single device)
+    flops = step_flops_per_token(student_cfg, teacher_cfg, args.seq_len)
+    peak = common.peak_flops(args.dtype)
+    total_peak = peak["peak_flops"] * jax.device_count()
+
+    results = []
+    for chunk in args.loss_chunks:
+        common.log(f"loss_chunk={chunk}")
+        results.append(measure(args, chunk, student_cfg, teacher, mesh, flops["total"], total_peak))
+    return {
+        "benchmark": "distill_step",
+        "machine": common.machine_info(),
+        "student": {"model": args.student, **common.describe(student_cfg), "remat": args.remat},
+        "teacher": {"model": args.teacher, **common.describe(teacher_cfg)},
+        "divergence": args.divergence, "batch": args.batch, "seq_len": args.seq_len,
+        "tokens_per_step": args.batch * args.seq_len, "runs": args.runs,
+        "timing": "median of runs after one compiling call; block_until_ready (evaluate.median_seconds)",
+        "flops_per_token": flops, "peak": peak, "devices": jax.device_count(),
+        "results": results,
+    }
+
+
+if __name__ == "__main__":
+    common.print_json(main())

@@ -1,0 +1,103 @@
+"""Markdown tables from the benchmarks' JSON output, for docs/benchmarks.md.
+
+    python -m bench.decode ... > decode.json
+    python -m bench.report decode.json speculative.json distill_step.json
+
+Each file is one benchmark's JSON object; the table printed depends on its "benchmark" field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def _f(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _hf(entry: dict, mode: str, key: str, digits: int = 1) -> str:
+    ref = entry["hf"].get(mode)
+    if ref is None:
+        return "not run"
+    if "error" in ref:
+        return "failed (see JSON)"
+    return _f(ref[key], digits)
+
+
+def decode_table(result: dict) -> str:
+    header = ["B", "tokens/s", "ms/token", "step ms", "ideal step ms", "bound", "roofline fraction",
+              "HF eager tokens/s", "HF static+compile tokens/s", "× HF eager", "× best HF"]
+    rows = []
+    for e in result["results"]:
+        ours, limit = e["jax"], e["roofline"]
+        eager = e["hf"].get("eager", {})
+        rows.append([str(e["batch"]), _f(ours["tokens_per_s"], 1), _f(ours["ms_per_token"]),
+                     _f(ours["decode_step_ms"]), _f(limit["ideal_step_ms"]), limit["bound"],
+                     _f(ours["roofline_fraction"]), _hf(e, "eager", "tokens_per_s"),
+                     _hf(e, "static_compile", "tokens_per_s"), _f(eager.get("speedup_end_to_end")),
+                     _f(e.get("speedup_vs_best_hf"))])
+    return _table(header, rows)
+
+
+def speculative_tables(result: dict) -> str:
+    verify = {v["gamma"]: v["verify_over_step"] for v in result["verify"]}
+    parts = []
+    for name, draft in result["drafts"].items():
+        header = ["γ", "verify / step", "c", "τ", "α", "block ms", "ideal ms", "loop overhead",
+                  "beyond 2-token draft step", "incl. prefill", "measured speedup", "predicted τ/(γc+1)",
+                  "predicted τ/(γc+v)"]
+        rows = [[str(g["gamma"]), _f(verify[g["gamma"]]), _f(draft["cost_ratio"]), _f(g["block_efficiency"]),
+                 _f(g["acceptance_rate"]), _f(1e3 * g["block_decode_s"]), _f(1e3 * g["ideal_block_s"]),
+                 f"{100 * g['loop_overhead']:+.0f}%", f"{100 * g['loop_overhead_beyond_pair_step']:+.0f}%",
+                 f"{100 * g['loop_overhead_incl_prefill']:+.0f}%",
+                 _f(g["measured_speedup"]), _f(g["predicted_speedup"]), _f(g["predicted_speedup_with_verify_cost"])]
+                for g in draft["gammas"]]
+        parts.append(f"Draft `{name}` ({draft['shape']['layers']} layers, hidden {draft['shape']['hidden']}; "
+                     f"draft step {1e3 * draft['draft_step_s']:.2f} ms (2 tokens: "
+                     f"{1e3 * draft['draft_pair_step_s']:.2f} ms), target step "
+                     f"{1e3 * result['target_step_s']:.2f} ms, prefill of both {1e3 * draft['prefill_both_s']:.1f} ms)"
+                     f":\n\n" + _table(header, rows))
+    return "\n\n".join(parts)
+
+
+def distill_table(result: dict) -> str:
+    header = ["loss chunk", "step s", "tokens/s", "MFU", "compile s", "compiled peak (MiB)", "temporaries (MiB)",
+              "device peak (MiB)"]
+    rows = []
+    for e in result["results"]:
+        mem = e["compiled_memory"]
+        peak = _f(mem["peak_estimate_bytes"] / 2**20, 1) if mem.get("available") else "unavailable"
+        temp = _f(mem["temp_size_in_bytes"] / 2**20, 1) if mem.get("available") else "unavailable"
+        device = "–" if e["peak_bytes_in_use"] is None else _f(e["peak_bytes_in_use"] / 2**20, 1)
+        rows.append([str(e["loss_chunk"]) + (" (off)" if e["loss_chunk"] == 0 else ""), _f(e["step_s"], 3),
+                     _f(e["tokens_per_s"], 0), f"{100 * e['mfu']:.1f}%", _f(e["compile_s"], 1), peak, temp, device])
+    return _table(header, rows)
+
+
+TABLES = {"decode": decode_table, "speculative": speculative_tables, "distill_step": distill_table}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="+", help="JSON files written by the benchmarks")
+    args = parser.parse_args(argv)
+    for path in args.files:
+        with open(path) as f:
+            result = json.load(f)
+        print(f"<!-- {path} -->\n{TABLES[result['benchmark']](result)}\n")
+
+
+if __name__ == "__main__":
+    main()
