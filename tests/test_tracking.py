@@ -207,6 +207,8 @@ def test_upload_files_attaches_results_to_the_same_wandb_run(wandb_env, tmp_path
     assert saved == ["results.json", "metrics.jsonl"]
     run_id = (workdir / tracking.WANDB_ID_FILE).read_text().strip()
     runs = _offline_runs(workdir)
-    assert len(runs) == 2 and all(r.name.endswith("-" + run_id) for r in runs)  # the same run, resumed
+    # The same run, resumed. Directory names get a "-1" suffix when both sessions start within one
+    # second, so the run id is read from each run record, not parsed from the name.
+    assert len(runs) == 2 and [_run_record(r).run_id for r in runs] == [run_id, run_id]
     uploaded = runs[-1] / "files" / "results.json"
     assert uploaded.is_file() and uploaded.read_text() == '{"schema": 1}\n'
