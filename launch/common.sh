@@ -28,4 +28,19 @@ setenv() {
   if ((DRY_RUN)); then printf '[dry-run] export %s=%s\n' "$1" "$(quote "$2")"; else printf '+ export %s=%s\n' "$1" "$(quote "$2")" >&2; fi
   export "$1=$2"
 }
+# Splits every launcher option written --name=VALUE into the two words --name VALUE, so a script's
+# parser needs one case per option. main.py overrides (--config.FIELD=VALUE) and every word after
+# '--' pass unchanged. Use: split_option_values "$@"; set -- "${ARGS[@]}"
+split_option_values() {
+  ARGS=()
+  while (($#)); do
+    case $1 in
+      --) ARGS+=("$@"); return 0 ;;
+      --config.*) ARGS+=("$1") ;;
+      --*=*) ARGS+=("${1%%=*}" "${1#*=}") ;;
+      *) ARGS+=("$1") ;;
+    esac
+    shift
+  done
+}
 need_value() { [[ $# -ge 2 && -n $2 && $2 != --* ]] || die "$1 needs a value (see --help)"; }

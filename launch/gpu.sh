@@ -47,21 +47,17 @@ setup_only=0
 mem_fraction=0.90
 main_args=()
 
+split_option_values "$@"
+set -- "${ARGS[@]}"
 while (($#)); do
   case $1 in
     --config) need_value "$@"; config=$2; shift 2 ;;
-    --config=*) config=${1#*=}; shift ;;
     --config.*) main_args+=("$1"); shift ;;
     --workdir) need_value "$@"; workdir=$2; shift 2 ;;
-    --workdir=*) workdir=${1#*=}; shift ;;
     --gpus) need_value "$@"; gpus=$2; shift 2 ;;
-    --gpus=*) gpus=${1#*=}; shift ;;
     --venv) need_value "$@"; venv=$2; shift 2 ;;
-    --venv=*) venv=${1#*=}; shift ;;
     --python) need_value "$@"; python=$2; shift 2 ;;
-    --python=*) python=${1#*=}; shift ;;
     --mem-fraction) need_value "$@"; mem_fraction=$2; shift 2 ;;
-    --mem-fraction=*) mem_fraction=${1#*=}; shift ;;
     --reinstall) reinstall=1; shift ;;
     --setup-only) setup_only=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;

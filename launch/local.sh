@@ -42,19 +42,16 @@ python=python3
 reinstall=0
 main_args=()
 
+split_option_values "$@"
+set -- "${ARGS[@]}"
 while (($#)); do
   case $1 in
     --config) need_value "$@"; config=$2; shift 2 ;;
-    --config=*) config=${1#*=}; shift ;;
     --config.*) main_args+=("$1"); shift ;;
     --workdir) need_value "$@"; workdir=$2; shift 2 ;;
-    --workdir=*) workdir=${1#*=}; shift ;;
     --devices) need_value "$@"; devices=$2; shift 2 ;;
-    --devices=*) devices=${1#*=}; shift ;;
     --venv) need_value "$@"; venv=$2; shift 2 ;;
-    --venv=*) venv=${1#*=}; shift ;;
     --python) need_value "$@"; python=$2; shift 2 ;;
-    --python=*) python=${1#*=}; shift ;;
     --reinstall) reinstall=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage; exit 0 ;;

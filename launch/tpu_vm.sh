@@ -74,36 +74,27 @@ config="" workdir="" tag=""
 python_version=$PYTHON_VERSION
 main_args=()
 
+split_option_values "$@"
+set -- "${ARGS[@]}"
 while (($#)); do
   case $1 in
     --name) need_value "$@"; name=$2; shift 2 ;;
-    --name=*) name=${1#*=}; shift ;;
     --zone) need_value "$@"; zone=$2; shift 2 ;;
-    --zone=*) zone=${1#*=}; shift ;;
     --project) need_value "$@"; project=$2; shift 2 ;;
-    --project=*) project=${1#*=}; shift ;;
     --accelerator-type) need_value "$@"; accelerator=$2; shift 2 ;;
-    --accelerator-type=*) accelerator=${1#*=}; shift ;;
     --runtime-version) need_value "$@"; runtime=$2; shift 2 ;;
-    --runtime-version=*) runtime=${1#*=}; shift ;;
     --spot) spot=1; shift ;;
     --delete) delete=1; shift ;;
     --repo) need_value "$@"; repo_url=$2; shift 2 ;;
-    --repo=*) repo_url=${1#*=}; shift ;;
     --ref) need_value "$@"; ref=$2; shift 2 ;;
-    --ref=*) ref=${1#*=}; shift ;;
     --python-version) need_value "$@"; python_version=$2; shift 2 ;;
-    --python-version=*) python_version=${1#*=}; shift ;;
     --skip-setup) skip_setup=1; shift ;;
     --setup-only) setup_only=1; shift ;;
     --config) need_value "$@"; config=$2; shift 2 ;;
-    --config=*) config=${1#*=}; shift ;;
     --config.*) main_args+=("$1"); shift ;;
     --workdir) need_value "$@"; workdir=$2; shift 2 ;;
-    --workdir=*) workdir=${1#*=}; shift ;;
     --detach) detach=1; shift ;;
     --tag) need_value "$@"; tag=$2; shift 2 ;;  # internal: the run's log name, shared by all workers
-    --tag=*) tag=${1#*=}; shift ;;
     --worker-setup) mode=worker-setup; shift ;;
     --worker-run) mode=worker-run; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
