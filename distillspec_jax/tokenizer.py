@@ -32,7 +32,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Final
+from typing import Any, Final
 
 import tokenizers
 import transformers
@@ -427,16 +427,25 @@ def train_small_tokenizer(texts: Iterable[str], vocab_size: int) -> transformers
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer=trainer)
+    return _qwen3_style_fast(backend)
+
+
+def _qwen3_style_fast(backend: tokenizers.Tokenizer, **extra: Any) -> transformers.PreTrainedTokenizerFast:
+    """Wraps a byte-level backend with Qwen3's special-token roles, chat template and padding."""
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token=None,
+        bos_token=None,  # Qwen3 prepends nothing: a prompt starts with its first real token
+        eos_token=QWEN3_EOS_TOKEN,
+        pad_token=QWEN3_PAD_TOKEN,
+        unk_token=None,  # byte-level BPE encodes every string, so there is no unknown token
         chat_template=QWEN3_CHAT_TEMPLATE,
+        # Qwen3's config leaves HF's default, right padding: training batches keep each sequence at
+        # positions 0..len-1. Batched generation that wants prompts flush against the first new
+        # token asks for padding_side="left" per call.
         padding_side="right",
-        clean_up_tokenization_spaces=False,
+        clean_up_tokenization_spaces=False,  # decoding must give back the exact text
         split_special_tokens=False,
+        **extra,
     )
 
 
@@ -488,21 +497,10 @@ def build_qwen3_tokenizer(
         if backend.token_to_id(content) != expected_id:
             raise AssertionError(f"{content} got id {backend.token_to_id(content)}, not {expected_id}")
 
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=None,  # Qwen3 prepends nothing: a prompt starts with its first real token
-        eos_token=QWEN3_EOS_TOKEN,
-        pad_token=QWEN3_PAD_TOKEN,
-        unk_token=None,  # byte-level BPE encodes every string, so there is no unknown token
+    return _qwen3_style_fast(
+        backend,
         extra_special_tokens=list(QWEN3_EXTRA_SPECIAL_TOKENS),
-        chat_template=QWEN3_CHAT_TEMPLATE,
         model_max_length=QWEN3_MODEL_MAX_LENGTH,
-        # Qwen3's config leaves HF's default, right padding: training batches keep each sequence at
-        # positions 0..len-1. Batched generation that wants prompts flush against the first new
-        # token asks for padding_side="left" per call.
-        padding_side="right",
-        clean_up_tokenization_spaces=False,  # decoding must give back the exact text
-        split_special_tokens=False,
     )
 
 
