@@ -28,6 +28,8 @@ from typing import Any
 import jax
 from etils import epath
 
+from distillspec_jax import files
+
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id.txt"
 WANDB_ID_BYTES = 6  # a run id of 12 lowercase hex characters (W&B ids allow [a-z0-9])
@@ -62,23 +64,12 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 def truncate_after(path: str | os.PathLike, step: int) -> int:
     """Rewrites metrics.jsonl keeping only records with record['step'] <= step (atomically); returns
     how many records were dropped."""
-    if _is_remote(path):
-        records = read_metrics(path)
-        kept = [r for r in records if r.get("step", 0) <= step]
-        if len(kept) < len(records):
-            epath.Path(path).write_text("".join(json.dumps(r) + "\n" for r in kept))
-        return len(records) - len(kept)
-    path = pathlib.Path(path)
-    if not path.exists():
+    if not epath.Path(path).exists():
         return 0
     records = read_metrics(path)
     kept = [r for r in records if r.get("step", 0) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    if len(kept) < len(records):
+        files.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
     return len(records) - len(kept)
 
 

@@ -24,6 +24,8 @@ from typing import Any
 import jax
 from etils import epath
 
+from distillspec_jax import files
+
 CONFIG_FILE = "config.json"
 # Fields that change how a run is executed or reported, not what it computes: a rerun may change them.
 RERUNNABLE_FIELDS = ("stages", "overwrite", "distributed", "tracking", "plots", "compilation_cache",
@@ -43,10 +45,7 @@ def write_json(target: epath.Path, obj: Any) -> None:
     """Writes `obj` as indented JSON atomically (temporary file + rename); process 0 only."""
     if jax.process_index() != 0:
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp"
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    tmp.replace(target)  # atomic, and overwrites (rename refuses an existing target)
+    files.write_json(target, obj)
 
 
 def read_json(target: epath.Path) -> Any | None:

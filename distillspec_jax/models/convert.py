@@ -25,7 +25,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from distillspec_jax import hub
+from distillspec_jax import files, hub
 from distillspec_jax import sharding as shd
 from distillspec_jax.models import qwen3
 from distillspec_jax.models.safetensors_io import SafetensorsFile
@@ -166,8 +166,8 @@ def _open_weights(folder: pathlib.Path) -> dict[str, SafetensorsFile]:
     index = folder / INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        files = {name: SafetensorsFile(folder / name) for name in sorted(set(weight_map.values()))}
-        return {tensor: files[file] for tensor, file in weight_map.items()}
+        shard_files = {name: SafetensorsFile(folder / name) for name in sorted(set(weight_map.values()))}
+        return {tensor: shard_files[file] for tensor, file in weight_map.items()}
     located = {}
     for path in sorted(folder.glob("*.safetensors")):
         st = SafetensorsFile(path)
@@ -269,12 +269,6 @@ def _to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(array))
 
 
-def _write_json_atomic(path: epath.Path, obj) -> None:
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.rename(path)
-
-
 def export_hf(model: qwen3.Qwen3, out_dir: str | os.PathLike, dtype: str | None = None,
               tokenizer_from: str | os.PathLike | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> pathlib.Path:
     """Writes config.json and safetensors (sharded with an index when large) that transformers and vLLM load.
@@ -309,10 +303,11 @@ def export_hf(model: qwen3.Qwen3, out_dir: str | os.PathLike, dtype: str | None 
             write_safetensors(out / file, shard)
             weight_map.update({name: file for name in shard})
         total = sum(a.nbytes for a in tensors.values())
-        _write_json_atomic(epath.Path(out / INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        files.write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map},
+                         sort_keys=True)
     hf_config = cfg.to_hf_dict()
     hf_config["torch_dtype"] = dtype
-    _write_json_atomic(epath.Path(out / CONFIG_FILE), hf_config)
+    files.write_json(out / CONFIG_FILE, hf_config, sort_keys=True)
     if tokenizer_from is not None:
         _copy_tokenizer_files(pathlib.Path(tokenizer_from), out)
     return out
@@ -345,7 +340,7 @@ def save_orbax(model: qwen3.Qwen3, directory: str | os.PathLike) -> epath.Path:
         ckptr.save(directory / ORBAX_PARAMS, pure, force=True)
         ckptr.wait_until_finished()
     if jax.process_index() == 0:
-        _write_json_atomic(directory / ORBAX_CONFIG, dataclasses.asdict(model.cfg))
+        files.write_json(directory / ORBAX_CONFIG, dataclasses.asdict(model.cfg), sort_keys=True)
     return directory
 
 
