@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from distillspec_jax import files
+
 DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "adaspec")
 GENERATORS = ("fixed", "target", "draft", "mix")
 SEEDS = (0, 1, 2)
@@ -161,7 +163,8 @@ def load_cells(out: str) -> dict[str, dict]:
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         path = os.path.join(root, name, "results.json")
         if os.path.exists(path):
-            cells[name] = json.load(open(path))
+            with open(path) as f:
+                cells[name] = json.load(f)
     return cells
 
 
@@ -169,6 +172,96 @@ def _pearson(x: Sequence[float], y: Sequence[float]) -> float:
     if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
         return float("nan")
     return float(np.corrcoef(x, y)[0, 1])
+
+
+def _ranks(x: Sequence[float]) -> np.ndarray:
+    """Ranks with ties given their mean rank (the undistilled rows of one seed are identical)."""
+    x = np.asarray(x, float)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=float)
+    for value in np.unique(x):
+        tied = x == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    return _pearson(_ranks(x), _ranks(y))
+
+
+def _evaluations(cells: dict[str, dict], temperature: float) -> list[tuple[str, dict[int, dict]]]:
+    """The distinct evaluations at one temperature, as (label, {γ: row}): each cell's distilled draft, and
+    each seed's undistilled draft once (every cell of a seed carries a copy of the same 'before' rows)."""
+    out, seen = [], set()
+    for name, res in cells.items():
+        seed = res["run"]["seed"]
+        if seed not in seen:
+            seen.add(seed)
+            out.append((f"undistilled-s{seed}", {g: r for (t, g), r in _rows(res, "before").items() if t == temperature}))
+        out.append((name, {g: r for (t, g), r in _rows(res, "after").items() if t == temperature}))
+    return out
+
+
+def correlations(cells: dict[str, dict], temperature: float, gamma: int) -> dict[str, Any]:
+    """Does 1 − TVD track acceptance (claim (d))? α̂ = E[Σ min(p, q)] = 1 − TVD(p, q) on target samples.
+
+    Over the distinct drafts (every distilled cell, and each seed's undistilled draft once):
+    - tau_hat_vs_tau: the closed form τ̂ against measured τ, over every draft and γ.
+    - alpha_hat_vs_tau, alpha_hat_vs_tau_rank: α̂ against τ at one γ, Pearson and Spearman (γ fixed,
+      because τ grows with γ while α̂ does not, so pooling γ would dilute the relation).
+    - delta_alpha_hat_vs_delta_tau: per cell, the change of α̂ through distillation against the change of τ.
+    """
+    evaluations = _evaluations(cells, temperature)
+    every = [r for _, by_gamma in evaluations for r in by_gamma.values()]
+    at = [by_gamma[gamma] for _, by_gamma in evaluations]
+    alpha = [r["alpha_hat"] for r in at]
+    tau = [r["block_efficiency"] for r in at]
+    pairs = [(_rows(res, "before")[(temperature, gamma)], _rows(res, "after")[(temperature, gamma)])
+             for res in cells.values()]
+    return {
+        "gamma": gamma,
+        "tau_hat_vs_tau": _pearson([r["expected_block_efficiency"] for r in every],
+                                   [r["block_efficiency"] for r in every]),
+        "tau_hat_points": len(every),
+        "alpha_hat_vs_tau": _pearson(alpha, tau),
+        "alpha_hat_vs_tau_rank": _spearman(alpha, tau),
+        "drafts": len(at),
+        "delta_alpha_hat_vs_delta_tau": _pearson([a["alpha_hat"] - b["alpha_hat"] for b, a in pairs],
+                                                 [a["block_efficiency"] - b["block_efficiency"] for b, a in pairs]),
+        "cells": len(pairs)}
+
+
+def paired_difference(table: list[dict], a: tuple[str, str], b: tuple[str, str], temperature: float,
+                      gamma: int) -> dict[str, Any] | None:
+    """τ(a) − τ(b) for two (divergence, generator) cells, paired by seed (both start from the seed's same
+    draft, data and target), with its bootstrap interval over seeds; None when either is missing."""
+    def per_seed(key):
+        match = [e for e in table if (e["divergence"], e["generator"]) == key and e["temperature"] == temperature
+                 and e["gamma"] == gamma]
+        return dict(zip(match[0]["seed_ids"], match[0]["tau_after_per_seed"])) if match else None
+
+    ta, tb = per_seed(a), per_seed(b)
+    if ta is None or tb is None or not set(ta) & set(tb):
+        return None
+    seeds = sorted(set(ta) & set(tb))
+    return {"a": list(a), "b": list(b), "temperature": temperature, "gamma": gamma, "seeds": len(seeds),
+            "difference": bootstrap_ci([ta[s] - tb[s] for s in seeds]),
+            "a_wins_every_seed": all(ta[s] > tb[s] for s in seeds)}
+
+
+def comparisons(table: list[dict], gamma: int) -> dict[str, list[dict]]:
+    """The paired contrasts behind claims (b) and AdaSPEC's: on-policy (draft) against target-generated
+    data per divergence, and AdaSPEC against plain FKL (its own reference objective) per data source."""
+    temperatures = sorted({e["temperature"] for e in table})
+    divergences = sorted({e["divergence"] for e in table} - {"ce"})
+    generators = sorted({e["generator"] for e in table})
+    draft_vs_target = [paired_difference(table, (d, "draft"), (d, "target"), t, gamma)
+                       for t in temperatures for d in divergences]
+    adaspec_vs_fkl = [paired_difference(table, ("adaspec", g), ("fkl", g), t, gamma)
+                      for t in temperatures for g in generators]
+    return {"draft_vs_target": [c for c in draft_vs_target if c],
+            "adaspec_vs_fkl": [c for c in adaspec_vs_fkl if c]}
 
 
 def aggregate(out: str) -> dict[str, Any]:
@@ -192,37 +285,63 @@ def aggregate(out: str) -> dict[str, Any]:
                      "seeds": len(runs),
                      "tau_before": bootstrap_ci([b["block_efficiency"] for b in before]),
                      "tau_after": bootstrap_ci([a["block_efficiency"] for a in after]),
+                     "seed_ids": [r["run"]["seed"] for r in runs],
+                     "tau_after_per_seed": [a["block_efficiency"] for a in after],
                      "relative_gain": bootstrap_ci(gain),
                      "alpha_hat_after": float(np.mean([a["alpha_hat"] for a in after]))}
             for field in ("predicted_speedup", "measured_speedup"):
                 if all(field in a for a in after):
                     entry[field] = float(np.mean([a[field] for a in after]))
             table.append(entry)
-    correlations = {}
-    for temperature in sorted({e["temperature"] for e in table}):
-        rows = [r for res in cells.values() for r in res["after"] + res["before"] if r["temperature"] == temperature]
-        correlations[str(temperature)] = {
-            "tau_hat_vs_tau": _pearson([r["expected_block_efficiency"] for r in rows], [r["block_efficiency"] for r in rows]),
-            "alpha_hat_vs_tau": _pearson([r["alpha_hat"] for r in rows], [r["block_efficiency"] for r in rows]),
-            "points": len(rows)}
+    largest_gamma = max(e["gamma"] for e in table)
+    by_temperature = {str(t): correlations(cells, t, largest_gamma) for t in sorted({e["temperature"] for e in table})}
     transfer = []
     tdir = os.path.join(out, "transfer")
     for name in sorted(os.listdir(tdir)) if os.path.isdir(tdir) else []:
         path = os.path.join(tdir, name, "transfer.json")
         if os.path.exists(path):
-            t = json.load(open(path))
+            with open(path) as f:
+                t = json.load(f)
             for (key, b), a in zip(_rows(t, "before").items(), _rows(t, "after").values()):
                 transfer.append({"cell": name, "temperature": key[0], "gamma": key[1],
                                  "tau_before": b["block_efficiency"], "tau_after": a["block_efficiency"]})
-    summary = {"cells": len(cells), "table": table, "correlations": correlations, "transfer": transfer}
-    with open(os.path.join(out, "summary.json.tmp"), "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
+    summary = {"cells": len(cells), "table": table, "correlations": by_temperature,
+               "comparisons": comparisons(table, largest_gamma), "transfer": transfer}
+    files.write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
 
 def _ci(t: tuple[float, float, float], spec: str = ".2f") -> str:
     return f"{t[0]:{spec}} [{t[1]:{spec}}, {t[2]:{spec}}]"
+
+
+def _paired_row(c: dict, *labels: str) -> str:
+    wins = "yes" if c["a_wins_every_seed"] else "no"
+    return f"| {c['temperature']:g} | " + " | ".join(labels) + f" | {_ci(c['difference'], '+.3f')} | {wins} |"
+
+
+def _contrast_tables(table: list[dict], gamma: int) -> list[str]:
+    """Claims (b), (c) and AdaSPEC's as paired differences of τ at one γ (the same seed's draft, data and
+    target on both sides), each with its bootstrap interval over seeds."""
+    lines = [f"### Best divergence per data source, against the runner-up (γ = {gamma})", "",
+             "| temperature | data | best | runner-up | τ best − τ runner-up [95% CI] | better at every seed |",
+             "|---|---|---|---|---|---|"]
+    for temperature in sorted({e["temperature"] for e in table}):
+        for generator in sorted({e["generator"] for e in table}):
+            rows = sorted((e for e in table if e["temperature"] == temperature and e["generator"] == generator
+                           and e["gamma"] == gamma and e["divergence"] != "ce"), key=lambda e: -e["tau_after"][0])
+            if len(rows) >= 2:
+                best, second = rows[0]["divergence"], rows[1]["divergence"]
+                c = paired_difference(table, (best, generator), (second, generator), temperature, gamma)
+                lines.append(_paired_row(c, generator, best, second))
+    contrasts = comparisons(table, gamma)
+    lines += ["", f"### On-policy (draft-generated) against target-generated data (γ = {gamma})", "",
+              "| temperature | divergence | τ draft − τ target [95% CI] | draft better at every seed |", "|---|---|---|---|"]
+    lines += [_paired_row(c, c["a"][0]) for c in contrasts["draft_vs_target"]]
+    lines += ["", f"### AdaSPEC against plain FKL, its reference objective (γ = {gamma})", "",
+              "| temperature | data | τ AdaSPEC − τ FKL [95% CI] | AdaSPEC better at every seed |", "|---|---|---|---|"]
+    lines += [_paired_row(c, c["a"][1]) for c in contrasts["adaspec_vs_fkl"]]
+    return lines + [""]
 
 
 def format_tables(summary: dict[str, Any], gamma: int | None = None) -> str:
@@ -242,10 +361,16 @@ def format_tables(summary: dict[str, Any], gamma: int | None = None) -> str:
                          f"{_ci(e['relative_gain'], '+.1%')} | {e['alpha_hat_after']:.3f} | "
                          f"{e.get('predicted_speedup', float('nan')):.2f} | {e.get('measured_speedup', float('nan')):.2f} |")
         lines.append("")
-    lines += ["### Analytic against measured (Pearson r over every cell, γ and evaluation)", "",
-              "| temperature | r(τ̂, τ) | r(α̂, τ) | points |", "|---|---|---|---|"]
+    lines += _contrast_tables(table, gamma)
+    lines += ["### Does 1 − TVD track acceptance? (Pearson r unless marked)", "",
+              "α̂ = mean Σ min(p, q) = 1 − TVD on target-sampled continuations; τ measured by the speculative loop.",
+              "Drafts: every distilled cell, and each seed's undistilled draft once.", "",
+              "| temperature | r(τ̂, τ), every γ | r(α̂, τ) at γ | Spearman ρ(α̂, τ) at γ | drafts | "
+              "r(Δα̂, Δτ) at γ, per cell | cells |", "|---|---|---|---|---|---|---|"]
     for temperature, c in summary["correlations"].items():
-        lines.append(f"| {float(temperature):g} | {c['tau_hat_vs_tau']:.3f} | {c['alpha_hat_vs_tau']:.3f} | {c['points']} |")
+        lines.append(f"| {float(temperature):g} | {c['tau_hat_vs_tau']:.3f} ({c['tau_hat_points']} points) | "
+                     f"{c['alpha_hat_vs_tau']:.3f} (γ = {c['gamma']}) | {c['alpha_hat_vs_tau_rank']:.3f} | "
+                     f"{c['drafts']} | {c['delta_alpha_hat_vs_delta_tau']:.3f} | {c['cells']} |")
     if summary["transfer"]:
         lines += ["", "### Transfer to held-out prose (stdlib docstrings)", "",
                   "| cell | temperature | γ | τ before | τ after |", "|---|---|---|---|---|"]
@@ -318,8 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  not args.no_transfer)
     summary = aggregate(out)
     tables = format_tables(summary)
-    with open(os.path.join(out, "tables.md"), "w") as f:
-        f.write(tables)
+    files.write_text(os.path.join(out, "tables.md"), tables)
     plot(summary, os.path.join(out, "study_tau.png"))
     print(tables)
     return 0

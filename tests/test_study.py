@@ -39,7 +39,10 @@ def test_study_grid_runs_aggregates_and_resumes(tmp_path):
         mean, low, high = entry["tau_after"]
         assert low <= mean <= high and 1.0 <= mean <= entry["gamma"] + 1
     tables = (out / "tables.md").read_text()
-    assert tables.count("| fkl |") == 4 and "Temperature 1, γ = 3" in tables
+    assert sum(line.startswith("| fkl |") for line in tables.splitlines()) == 4 and "Temperature 1, γ = 3" in tables
+    assert "### Best divergence" in tables and "### Does 1 − TVD track acceptance?" in tables
+    assert sorted(summary["correlations"]) == ["0.0", "1.0"]
+    assert all(c["cells"] == 4 and c["drafts"] == 4 + 1 for c in summary["correlations"].values())
     assert (out / "study_tau.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = _study(out)
     assert again.count("done earlier, skipped") == 4
@@ -52,3 +55,39 @@ def test_bootstrap_interval_brackets_the_mean():
     assert min(values) <= low < mean < high <= max(values)
     assert study.bootstrap_ci([2.5]) == (2.5, 2.5, 2.5)
     assert study.bootstrap_ci([3.0, 3.0, 3.0]) == (3.0, 3.0, 3.0)
+
+
+def _row(temperature, gamma, tau, alpha):
+    return {"temperature": temperature, "gamma": gamma, "block_efficiency": tau, "alpha_hat": alpha,
+            "expected_block_efficiency": (1 - alpha ** (gamma + 1)) / (1 - alpha)}
+
+
+def _cell(seed, before_alpha, after_alpha, gammas=(1, 3)):
+    # τ set to its closed form, so every correlation with α̂ or τ̂ is exactly known.
+    def rows(alpha):
+        return [_row(1.0, g, (1 - alpha ** (g + 1)) / (1 - alpha), alpha) for g in gammas]
+    return {"run": {"seed": seed}, "before": rows(before_alpha), "after": rows(after_alpha)}
+
+
+def test_correlations_count_each_seeds_undistilled_draft_once():
+    cells = {"fkl-draft-s0": _cell(0, 0.3, 0.5), "tvd-draft-s0": _cell(0, 0.3, 0.6),
+             "fkl-draft-s1": _cell(1, 0.35, 0.7)}
+    c = study.correlations(cells, 1.0, 3)
+    assert c["drafts"] == 2 + 3 and c["cells"] == 3 and c["tau_hat_points"] == 5 * 2
+    assert c["tau_hat_vs_tau"] == pytest.approx(1.0)
+    assert c["alpha_hat_vs_tau_rank"] == pytest.approx(1.0)  # τ is increasing in α at fixed γ
+    assert 0.95 < c["alpha_hat_vs_tau"] < 1.0  # increasing but not linear
+    assert c["delta_alpha_hat_vs_delta_tau"] > 0.9
+
+
+def test_ranks_share_ties():
+    np.testing.assert_allclose(study._ranks([2.0, 1.0, 1.0, 3.0]), [2.0, 0.5, 0.5, 3.0])
+
+
+def test_paired_difference_pairs_by_seed():
+    table = [{"divergence": d, "generator": "draft", "temperature": 1.0, "gamma": 3, "seed_ids": [2, 0, 1],
+              "tau_after_per_seed": taus} for d, taus in (("fkl", [2.2, 2.0, 2.1]), ("jsd", [2.3, 1.9, 2.0]))]
+    c = study.paired_difference(table, ("fkl", "draft"), ("jsd", "draft"), 1.0, 3)
+    assert c["seeds"] == 3 and c["difference"][0] == pytest.approx((0.1 + 0.1 - 0.1) / 3)
+    assert not c["a_wins_every_seed"]
+    assert study.paired_difference(table, ("fkl", "draft"), ("tvd", "draft"), 1.0, 3) is None
