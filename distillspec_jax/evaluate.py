@@ -237,6 +237,13 @@ def analytic_acceptance_batches(target: qwen3.Qwen3, draft: qwen3.Qwen3, batches
             "num_positions": positions}
 
 
+def _batch_rng(rng: jax.Array, index: int) -> jax.Array:
+    """The sampling key of prompt batch `index`: independent draws per batch (row r of every batch would
+    otherwise reuse the same uniforms). Batch 0 keeps the caller's key, so a one-batch evaluation draws
+    exactly what a direct call with that key draws."""
+    return rng if index == 0 else jax.random.fold_in(rng, index)
+
+
 def gamma_sweep(target: qwen3.Qwen3, draft: qwen3.Qwen3, batches: Sequence[PromptBatch], gammas: Sequence[int],
                 max_new_tokens: int, sampler: Sampler, rng: jax.Array, *, eos_ids=(), runs: int = TIMING_RUNS,
                 measure_time: bool = True, analytic: bool = True,
@@ -257,8 +264,9 @@ def gamma_sweep(target: qwen3.Qwen3, draft: qwen3.Qwen3, batches: Sequence[Promp
     target_time_s = cost = None
     verify = dict.fromkeys(gammas)
     if measure_time:
-        target_time_s = sum(target_decode_seconds(target, p, lens, max_new_tokens, sampler, rng, eos_ids=eos_ids,
-                                                  runs=runs)["target_time_s"] for p, lens in batches)
+        target_time_s = sum(target_decode_seconds(target, p, lens, max_new_tokens, sampler, _batch_rng(rng, i),
+                                                  eos_ids=eos_ids, runs=runs)["target_time_s"]
+                            for i, (p, lens) in enumerate(batches))
         batch, prompt_len = np.shape(batches[0][0])
         cache_len = prompt_len + max_new_tokens
         steps = cost_ratio(target, draft, batch, cache_len, runs)
@@ -267,9 +275,9 @@ def gamma_sweep(target: qwen3.Qwen3, draft: qwen3.Qwen3, batches: Sequence[Promp
     results = []
     for g in gammas:
         seconds, stats = 0.0, []
-        for p, lens in batches:
+        for i, (p, lens) in enumerate(batches):
             call = functools.partial(spec.speculative_generate, target, draft, p, lens, g, max_new_tokens, sampler,
-                                     rng, eos_ids=eos_ids)
+                                     _batch_rng(rng, i), eos_ids=eos_ids)
             elapsed, out = median_seconds(call, runs=runs) if measure_time else (0.0, call())
             seconds += elapsed
             stats.append(out.stats)

@@ -90,17 +90,8 @@ def check_sampler(sampler: Sampler) -> None:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {sampler.temperature}")
 
 
-def _concrete(x) -> np.ndarray | None:
-    """The value of x on the host when it is cheap and possible (not a tracer, fully addressable)."""
-    if isinstance(x, jax.core.Tracer):
-        return None
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return None
-    return np.asarray(x)
-
-
-def check_prompts(prompts_bt, prompt_lens_b, max_new_tokens: int) -> tuple[int, int]:
-    """Checks shapes (and, when concrete, the lengths' values). Returns (B, T)."""
+def check_prompts(cfg: qwen3.Qwen3Config, prompts_bt, prompt_lens_b, max_new_tokens: int) -> tuple[int, int]:
+    """Checks shapes (and, when concrete, the ids' and lengths' values). Returns (B, T)."""
     if np.ndim(prompts_bt) != 2:
         raise ValueError(f"prompts must be [B, T] token ids, got shape {np.shape(prompts_bt)}")
     batch, prompt_len = np.shape(prompts_bt)
@@ -112,12 +103,22 @@ def check_prompts(prompts_bt, prompt_lens_b, max_new_tokens: int) -> tuple[int, 
         raise ValueError(f"prompt_lens must have shape [B] = ({batch},), got {np.shape(prompt_lens_b)}")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    lens = _concrete(prompt_lens_b)
+    qwen3.check_token_ids(cfg, prompts_bt, "prompts")
+    lens = qwen3.concrete(prompt_lens_b)
     if lens is not None and (lens.min() < 1 or lens.max() > prompt_len):
         raise ValueError(
             f"prompt_lens must lie in [1, T={prompt_len}] (right-padded prompts), got min {lens.min()} max {lens.max()}"
         )
     return int(batch), int(prompt_len)
+
+
+def default_rng(rng: jax.Array | None, sampler: Sampler) -> jax.Array:
+    """The caller's key, or a fixed one for greedy decoding (which draws nothing); sampling needs a key."""
+    if rng is not None:
+        return rng
+    if not sampler.greedy:
+        raise ValueError("sampling at temperature > 0 needs an rng key")
+    return jax.random.key(0)
 
 
 def check_cache_len(cfg: qwen3.Qwen3Config, prompt_len: int, required: int, cache_len: int | None,
@@ -259,15 +260,12 @@ def generate(
     return_sequences: also return packed prompt+response sequences and their response mask.
     """
     check_sampler(sampler)
-    batch, prompt_len = check_prompts(prompts_bt, prompt_lens_b, max_new_tokens)
     cfg = model.cfg
+    batch, prompt_len = check_prompts(cfg, prompts_bt, prompt_lens_b, max_new_tokens)
     eos = normalize_eos_ids(eos_ids, cfg.vocab_size)
     cache_len = check_cache_len(cfg, prompt_len, required_cache_len(prompt_len, max_new_tokens), cache_len,
                                 f"generating {max_new_tokens} tokens after prompts of length {prompt_len}")
-    if rng is None:
-        if not sampler.greedy:
-            raise ValueError("sampling at temperature > 0 needs an rng key")
-        rng = jax.random.key(0)
+    rng = default_rng(rng, sampler)
     graphdef, state = nnx.split(model)
     return _generate_jit(
         graphdef, state, jnp.asarray(prompts_bt, jnp.int32), jnp.asarray(prompt_lens_b, jnp.int32), rng,

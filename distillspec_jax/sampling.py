@@ -42,9 +42,11 @@ def filtered_logits(logits_bv: jax.Array, sampler: Sampler, real_vocab_size: int
     Greedy samplers keep temperature 1 here: the argmax does not depend on it, and the divergences
     and analytic acceptance of a greedy run are taken at temperature 1.
     """
-    logits = mask_padding_vocab(logits_bv.astype(jnp.float32), real_vocab_size)
+    logits = logits_bv.astype(jnp.float32)
     if not sampler.greedy:
+        # Before masking: MASK_VALUE / T overflows to -inf for a tiny T, and 0 · (-inf) in a KL is NaN.
         logits = logits / sampler.temperature
+    logits = mask_padding_vocab(logits, real_vocab_size)
     if sampler.top_k:
         kth_largest = jax.lax.top_k(logits, sampler.top_k)[0][..., -1:]
         logits = jnp.where(logits >= kth_largest, logits, MASK_VALUE)

@@ -273,12 +273,7 @@ def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state,
 
 def check_pair(target: qwen3.Qwen3, draft: qwen3.Qwen3) -> None:
     """Draft and target must share one vocabulary: rejection sampling compares p and q id by id."""
-    t, d = target.cfg, draft.cfg
-    if (t.vocab_size, t.real_vocab_size) != (d.vocab_size, d.real_vocab_size):
-        raise ValueError(
-            f"draft and target vocabularies differ: target vocab_size={t.vocab_size} (real {t.real_vocab_size}), "
-            f"draft vocab_size={d.vocab_size} (real {d.real_vocab_size}); speculative decoding needs the same tokenizer"
-        )
+    qwen3.check_same_vocabulary(draft.cfg, target.cfg, "target", "speculative decoding")
 
 
 def speculative_generate(
@@ -310,16 +305,13 @@ def speculative_generate(
         raise ValueError(f"lossy_variant must be None or one of {LOSSY_VARIANTS}, got {lossy_variant!r}")
     gen.check_sampler(sampler)
     check_pair(target, draft)
-    _, prompt_len = gen.check_prompts(prompts_bt, prompt_lens_b, max_new_tokens)
+    _, prompt_len = gen.check_prompts(target.cfg, prompts_bt, prompt_lens_b, max_new_tokens)
     eos = gen.normalize_eos_ids(eos_ids, target.cfg.vocab_size)
     required = required_cache_len(prompt_len, max_new_tokens, gamma)
     what = f"speculative decoding with gamma={gamma}, prompts of length {prompt_len} and {max_new_tokens} new tokens"
     cache_len = gen.check_cache_len(target.cfg, prompt_len, required, cache_len, what)
     gen.check_cache_len(draft.cfg, prompt_len, required, cache_len, what)
-    if rng is None:
-        if not sampler.greedy:
-            raise ValueError("sampling at temperature > 0 needs an rng key")
-        rng = jax.random.key(0)
+    rng = gen.default_rng(rng, sampler)
     target_graphdef, target_state = nnx.split(target)
     draft_graphdef, draft_state = nnx.split(draft)
     return _speculative_jit(

@@ -101,7 +101,10 @@ class TrainConfig:
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warmup from 0 to learning_rate, then cosine decay to end_lr_fraction · learning_rate."""
+    """Linear warmup from 0 to learning_rate, then cosine decay to end_lr_fraction · learning_rate.
+    A run that is all warmup (warmup_steps == total_steps, e.g. a short AdaSPEC reference) only warms up."""
+    if cfg.warmup_steps == cfg.total_steps:  # optax's cosine part refuses a decay of 0 steps
+        return optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
         decay_steps=cfg.total_steps, end_value=cfg.learning_rate * cfg.end_lr_fraction)
@@ -118,16 +121,6 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
                         mask=_decay_mask)
     return optax.chain(clip, adamw)
-
-
-def check_vocabularies(draft: qwen3.Qwen3Config, other: qwen3.Qwen3Config, what: str = "target") -> None:
-    """Draft and target must share the vocabulary: same rows and same real tokens."""
-    if (draft.vocab_size, draft.real_vocab_size) != (other.vocab_size, other.real_vocab_size):
-        raise ValueError(
-            f"the draft and the {what} have different vocabularies: draft vocab_size={draft.vocab_size} "
-            f"(real {draft.real_vocab_size}), {what} vocab_size={other.vocab_size} (real {other.real_vocab_size}); "
-            "distillation compares their distributions token by token, so both must use the same tokenizer"
-        )
 
 
 def _opt_state_shardings(abstract_opt_state, params_shardings: Params, mesh: Mesh):
@@ -157,7 +150,10 @@ class Distiller:
     """The jitted train step and evaluation for one draft/target (/reference) triple on one mesh.
 
     Shapes and settings are checked here and in `check_batch`, before anything compiles: vocabularies,
-    divergence and its hyperparameters, the reference's presence for AdaSPEC, batch divisibility.
+    divergence and its hyperparameters, the reference's presence for AdaSPEC, batch divisibility, token ids.
+
+    The draft passed in is consumed: its parameters become the training state, whose buffers each step
+    donates (so no second copy of the draft lives on the devices). Reload the draft to use it afterwards.
     """
 
     def __init__(self, cfg: TrainConfig, draft: qwen3.Qwen3, target: qwen3.Qwen3 | None, mesh: Mesh,
@@ -170,9 +166,10 @@ class Distiller:
         if self.spec.adaspec and reference is None:
             raise ValueError("adaspec_fraction is set: AdaSPEC needs the reference draft (same init, distilled with FKL)")
         if target is not None:
-            check_vocabularies(draft.cfg, target.cfg, "target")
+            qwen3.check_same_vocabulary(draft.cfg, target.cfg, "target", "distillation")
         if reference is not None:
-            check_vocabularies(draft.cfg, reference.cfg, "reference draft")
+            qwen3.check_same_vocabulary(draft.cfg, reference.cfg, "reference draft", "AdaSPEC's loss gap")
+        self.draft_cfg = draft.cfg
         self.real_vocab_size = draft.cfg.real_vocab_size
         self.draft_graphdef, draft_state = nnx.split(draft)
         self._initial_params: Params | None = nnx.to_pure_dict(draft_state)
@@ -241,6 +238,7 @@ class Distiller:
         shape = tuple(batch["tokens"].shape)
         if len(shape) != 2 or tuple(batch["loss_mask"].shape) != shape:
             raise ValueError(f"tokens and loss_mask must both be [B, T]; got {shape} and {tuple(batch['loss_mask'].shape)}")
+        qwen3.check_token_ids(self.draft_cfg, batch["tokens"], "the batch's tokens")
         accum = self.cfg.grad_accum_steps
         if shape[0] % accum:
             raise ValueError(f"global batch {shape[0]} does not split into grad_accum_steps={accum} micro-batches")
@@ -501,7 +499,7 @@ def run(cfg: TrainConfig, distiller: Distiller, batches: BatchSource, workdir: s
     try:
         with _StopSignal() as stop:
             stream = batches(position, context)
-            tokens_since_log, time_since_log = 0, time.perf_counter()
+            tokens_since_log, positions_since_log, time_since_log = 0.0, 0, time.perf_counter()
             while step < cfg.total_steps:
                 if stop.agreed():
                     checkpointer.save(step, state, position, rng)
@@ -528,13 +526,15 @@ def run(cfg: TrainConfig, distiller: Distiller, batches: BatchSource, workdir: s
                 host["learning_rate"] = float(distiller.schedule(step))  # the rate this update used
                 step += 1
                 progress.update(note=f"loss {host['loss']:.4f}, acceptance {host['acceptance']:.3f}")
-                tokens_since_log += int(np.prod(batch["tokens"].shape))
+                positions_since_log += int(np.prod(batch["tokens"].shape))  # what the step computes on
+                tokens_since_log += host["tokens"]  # what the loss counts (response tokens, no padding)
                 last_metrics = host
                 if step % cfg.log_every == 0 or step == cfg.total_steps:
                     elapsed = time.perf_counter() - time_since_log
                     logger.log(step, {**host, "data_position": position,
-                                      "tokens_per_s": tokens_since_log / max(elapsed, 1e-9)})
-                    tokens_since_log, time_since_log = 0, time.perf_counter()
+                                      "tokens_per_s": tokens_since_log / max(elapsed, 1e-9),
+                                      "positions_per_s": positions_since_log / max(elapsed, 1e-9)})
+                    tokens_since_log, positions_since_log, time_since_log = 0.0, 0, time.perf_counter()
                 if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
                     checkpointer.save(step, state, position, rng)
             progress.done()

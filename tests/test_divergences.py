@@ -180,6 +180,16 @@ def test_padding_rows_and_padded_positions_change_nothing(name):
     assert abs(float(loss3) - float(loss)) > 1e-5
 
 
+@pytest.mark.parametrize("name", KL_DIVERGENCES)
+def test_a_tiny_temperature_stays_finite_with_padding_rows(name):
+    # Temperature is applied before the padding rows are masked: MASK_VALUE / 1e-9 would overflow to
+    # -inf, and 0 · (-inf - -inf) inside a KL is NaN.
+    p, q, _, mask, labels = random_inputs(7)
+    spec = dv.LossSpec(divergence=name, temperature=1e-9, chunk=0)
+    loss, metrics = dv.loss_from_logits(spec, p, q, mask, REAL_V, labels)
+    assert np.isfinite(float(loss)) and np.isfinite(float(metrics["acceptance"]))
+
+
 # ----------------------------------------------------------------------------------------------
 # AdaSPEC
 # ----------------------------------------------------------------------------------------------

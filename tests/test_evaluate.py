@@ -123,3 +123,14 @@ def test_gamma_sweep_over_batches_equals_one_batch(target, near_draft):
                 "rows"):
         assert parts[key] == whole[key], key
     assert parts["alpha_hat"] == pytest.approx(whole["alpha_hat"], abs=1e-5)
+
+
+def test_gamma_sweep_draws_each_batch_independently(target, near_draft):
+    # Two copies of one batch, sampled: with one key for both they would accept exactly the same tokens.
+    sampled = Sampler(temperature=1.0)
+    one = ev.gamma_sweep(target, near_draft, [(PROMPTS, PROMPT_LENS)], [3], BUDGET, sampled, jax.random.key(3),
+                         measure_time=False, analytic=False)[0]
+    two = ev.gamma_sweep(target, near_draft, [(PROMPTS, PROMPT_LENS)] * 2, [3], BUDGET, sampled, jax.random.key(3),
+                         measure_time=False, analytic=False)[0]
+    assert two["rows"] == 2 * one["rows"]
+    assert two["accepted_tokens"] != 2 * one["accepted_tokens"] or two["target_calls"] != 2 * one["target_calls"]

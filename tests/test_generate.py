@@ -136,6 +136,9 @@ BAD_INPUTS = {
     "negative_temperature": (dict(sampler=_bypassed_sampler(-1.0)), "temperature"),
     "eos_outside_vocab": (dict(eos_ids=[VOCAB]), "eos"),
     "sampling_without_rng": (dict(sampler=Sampler(temperature=1.0), rng=None), "rng"),
+    # JAX indexes past the embedding table with NaN rows instead of failing: checked on the host.
+    "token_id_too_large": (dict(prompts=np.where(PROMPTS == PROMPTS[0, 0], VOCAB, PROMPTS)), "outside the model's vocabulary"),
+    "token_id_negative": (dict(prompts=np.where(PROMPTS == PROMPTS[0, 0], -1, PROMPTS)), "outside the model's vocabulary"),
 }
 
 

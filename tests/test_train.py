@@ -233,6 +233,14 @@ def test_bfloat16_target_runs_close_to_float32():
 # ----------------------------------------------------------------------------------------------
 
 
+def test_a_run_that_is_all_warmup_builds_its_optimizer():
+    # optax's warmup + cosine schedule raises for a cosine part of 0 steps (warmup == total steps).
+    cfg = train.TrainConfig(learning_rate=1e-3, warmup_steps=4, total_steps=4)
+    train.make_optimizer(cfg)
+    lr = train.learning_rate_schedule(cfg)
+    assert [float(lr(t)) for t in range(5)] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])
+
+
 def test_learning_rate_schedule_warmup_and_cosine_floor():
     cfg = train.TrainConfig(learning_rate=2e-3, warmup_steps=10, total_steps=110, end_lr_fraction=0.1)
     lr = train.learning_rate_schedule(cfg)
@@ -259,7 +267,7 @@ def test_bad_train_config_raises(kwargs, message):
                          ids=["vocab_size", "real_vocab_size"])
 def test_different_vocabularies_raise(change):
     target = h.make_target(cfg=h.TARGET_CFG.replace(**change))
-    with pytest.raises(ValueError, match="different vocabularies"):
+    with pytest.raises(ValueError, match="vocabularies differ"):
         train.Distiller(train.TrainConfig(), h.make_draft(), target, shd.single_device_mesh())
 
 
@@ -282,6 +290,8 @@ def test_batch_that_does_not_divide_raises_before_compiling():
         distiller.check_batch({"tokens": np.zeros((9, 8), np.int32), "loss_mask": np.zeros((9, 8), np.float32)})
     with pytest.raises(ValueError, match="batch lacks"):
         distiller.check_batch({"tokens": np.zeros((16, 8), np.int32)})
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        distiller.check_batch({"tokens": np.full((16, 8), h.VOCAB, np.int32), "loss_mask": np.ones((16, 8), np.float32)})
     assert distiller._step._cache_size() == 0  # nothing was compiled
 
 

@@ -13,6 +13,7 @@ import json
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 
@@ -109,6 +110,34 @@ class Qwen3Config:
             "initializer_range": INIT_STDDEV,
             "torch_dtype": self.param_dtype,
         }
+
+
+def check_same_vocabulary(draft: Qwen3Config, other: Qwen3Config, other_name: str, needed_for: str) -> None:
+    """Draft and target (or reference) must share one vocabulary: same rows and same real tokens, because
+    `needed_for` compares their distributions id by id."""
+    if (draft.vocab_size, draft.real_vocab_size) != (other.vocab_size, other.real_vocab_size):
+        raise ValueError(
+            f"draft and {other_name} vocabularies differ: draft vocab_size={draft.vocab_size} (real "
+            f"{draft.real_vocab_size}), {other_name} vocab_size={other.vocab_size} (real {other.real_vocab_size}); "
+            f"{needed_for} compares their distributions id by id, so pick models with the same tokenizer")
+
+
+def concrete(x) -> np.ndarray | None:
+    """`x` as a host array when its values are known outside jit on this process, else None."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return None
+    return np.asarray(x)
+
+
+def check_token_ids(cfg: Qwen3Config, tokens, what: str) -> None:
+    """Ids outside [0, vocab_size) would index past the embedding table, which JAX answers with NaN rows
+    (or, for a negative id, a wrapped-around row) instead of an error; caught here on the host."""
+    ids = concrete(tokens)
+    if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+        raise ValueError(f"{what} holds token ids in [{ids.min()}, {ids.max()}], outside the model's vocabulary "
+                         f"[0, {cfg.vocab_size}); tokenize with the model's own tokenizer")
 
 
 def from_hf_config(hf: dict[str, Any] | str, **overrides: Any) -> Qwen3Config:
