@@ -17,6 +17,7 @@ import os
 import pathlib
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 
 import jax
@@ -180,13 +181,6 @@ def _open_weights(folder: pathlib.Path) -> dict[str, SafetensorsFile]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _place(array: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
-    if sharding is None:
-        return jax.device_put(array)
-    # Each device (of every host) receives only its own slice of the host array.
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-
-
 def _assemble(cfg: qwen3.Qwen3Config, arrays: dict[tuple, jax.Array]) -> qwen3.Qwen3:
     graphdef, state = nnx.split(qwen3.abstract_model(cfg))
     pure = nnx.to_pure_dict(state)
@@ -199,12 +193,11 @@ def _assemble(cfg: qwen3.Qwen3Config, arrays: dict[tuple, jax.Array]) -> qwen3.Q
     return nnx.merge(graphdef, state)
 
 
-def _target_shardings(cfg: qwen3.Qwen3Config, mesh: Mesh | None) -> dict[tuple, jax.sharding.Sharding | None]:
+def _target_shardings(cfg: qwen3.Qwen3Config, mesh: Mesh | None) -> dict[tuple, jax.sharding.Sharding]:
+    # Without a mesh, the one-device mesh: the same NamedShardings as load_orbax, so a model loaded either
+    # way hits the same compiled functions (jit caches on the sharding).
     abstract_state = nnx.state(qwen3.abstract_model(cfg))
-    paths = [path for path, _ in nnx.to_flat_state(abstract_state)]
-    if mesh is None:
-        return {path: None for path in paths}
-    shardings = shd.state_shardings(abstract_state, mesh)
+    shardings = shd.state_shardings(abstract_state, mesh if mesh is not None else shd.single_device_mesh())
     return dict(nnx.to_flat_state(shardings))
 
 
@@ -251,7 +244,7 @@ def load_hf(
                 f"tensor {m.hf_name} has shape {source.shape(m.hf_name)} in the checkpoint, but config.json "
                 f"implies {m.hf_shape}; the config and the weights disagree"
             )
-        arrays[m.path] = _place(np.asarray(m.to_ours(source[m.hf_name]), dtype=np_dtype), shardings[m.path])
+        arrays[m.path] = shd.place(np.asarray(m.to_ours(source[m.hf_name]), dtype=np_dtype), shardings[m.path])
     logging.info("loaded %s: %d tensors, %.1fM parameters, %s", folder, len(maps), cfg.num_params() / 1e6, param_dtype)
     return _assemble(cfg, arrays)
 
@@ -261,26 +254,29 @@ def load_hf(
 # ----------------------------------------------------------------------------------------------
 
 
-def _to_host(array: jax.Array) -> np.ndarray:
-    if not array.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-    return np.asarray(jax.device_get(array))
-
-
 def export_hf(model: qwen3.Qwen3, out_dir: str | os.PathLike, dtype: str | None = None,
-              tokenizer_from: str | os.PathLike | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> pathlib.Path:
+              tokenizer_from: str | os.PathLike | None = None,
+              max_shard_bytes: int = MAX_SHARD_BYTES) -> pathlib.Path | epath.Path:
     """Writes config.json and safetensors (sharded with an index when large) that transformers and vLLM load.
 
     dtype defaults to the model's parameter dtype. Tokenizer files found in `tokenizer_from` are copied.
-    Every process must call this (sharded arrays are gathered); process 0 writes.
+    Every process must call this (sharded arrays are gathered); process 0 writes. A gs:// out_dir is
+    written locally first (the safetensors writer needs a local file) and then uploaded file by file.
     """
+    if str(out_dir).startswith("gs://"):
+        with tempfile.TemporaryDirectory(prefix="distillspec-export-") as staging:
+            export_hf(model, staging, dtype, tokenizer_from, max_shard_bytes)
+            remote = epath.Path(out_dir)
+            if jax.process_index() == 0:
+                remote.mkdir(parents=True, exist_ok=True)
+                for local in sorted(pathlib.Path(staging).iterdir()):
+                    (remote / local.name).write_bytes(local.read_bytes())
+        return remote
     cfg = model.cfg
     dtype = dtype or cfg.param_dtype
     np_dtype = np.dtype(qwen3.resolve_dtype(dtype))
     flat = {path: var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    tensors = {m.hf_name: np.ascontiguousarray(m.to_hf(_to_host(flat[m.path]).astype(np_dtype)))
+    tensors = {m.hf_name: np.ascontiguousarray(m.to_hf(shd.to_host(flat[m.path]).astype(np_dtype)))
                for m in tensor_maps(cfg)}
     out = pathlib.Path(out_dir)
     if jax.process_index() != 0:
@@ -406,7 +402,8 @@ if __name__ == "__main__":
 
     flags.DEFINE_string("hf", None, "HF checkpoint: a local folder or a hub id such as Qwen/Qwen3-0.6B")
     flags.DEFINE_string("out", None, "output folder: Orbax (default direction) or HF safetensors (--to_hf)")
-    flags.DEFINE_string("dtype", None, "parameter dtype of the output: float32 | bfloat16 (default: the source's)")
+    flags.DEFINE_string("dtype", None, "parameter dtype of the output: float32 | bfloat16 (default: float32 from HF, "
+                        "which holds bfloat16 weights exactly; with --to_hf, the model's parameter dtype)")
     flags.DEFINE_bool("to_hf", False, "convert an Orbax folder written by this tool back to HF safetensors")
     flags.DEFINE_string("orbax", None, "with --to_hf: the converted Orbax folder to export")
     app.run(main)
