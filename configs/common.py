@@ -47,16 +47,16 @@ def base() -> ConfigDict:
     c.tokenizer = ""  # folder or hub id; '' = the target checkpoint's own tokenizer; 'qwen3_offline' = built offline
 
     c.data = ConfigDict(dict(
-        source="tfds",  # hf | tfds | jsonl | humaneval | stdlib | stdlib_docstrings
-        name="gsm8k",  # dataset name (hf: hub id or local json/jsonl/parquet/csv path; tfds: builder name; jsonl: path)
-        config_name="",  # hf: dataset config (e.g. 'main' for openai/gsm8k); '' = none
+        source="hf",  # hf | tfds (needs tensorflow) | jsonl | humaneval | stdlib | stdlib_docstrings
+        name="openai/gsm8k",  # dataset (hf: hub id or local json/jsonl/parquet/csv path; tfds: builder name; jsonl: path)
+        config_name="main",  # hf: dataset config ('main' for openai/gsm8k); '' = none
         data_dir="",  # tfds: data_dir of prepared data; '' = TFDS default
         split="train",  # split that the distillation prompts (and fixed responses) come from
         eval_split="test",  # split of the held-out evaluation prompts; '' = hold out eval.num_prompts of `split`
         task="gsm8k",  # template: gsm8k | xsum | cnn_dailymail | wmt_en_de | lm1b | mbpp | humaneval | alpaca | corpus
         chat=True,  # wrap prompts in the chat template (False: raw text for base language models)
         enable_thinking=False,  # Qwen3 thinking mode in the chat template (False pre-fills an empty <think> block)
-        max_prompt_len=256,  # tokens; longer prompts lose the end of their instruction (chat) or their start (raw)
+        max_prompt_len=256,  # tokens; a longer prompt's text is cut at its end (a chat template around it is kept)
         max_response_len=256,  # tokens of a fixed response kept for training
         num_train_examples=-1,  # examples of `split` used for distillation; -1 = all
         pad_multiple=64,  # sequence lengths are padded up to a multiple of this (few compiled shapes)

@@ -101,12 +101,9 @@ def validate(c: ConfigDict) -> tuple[str, ...]:
     """Checks every setting that can be checked without models; returns the stages to run."""
     stages = parse_stages(c.stages)
     train_config(c)  # divergence, β, temperature, AdaSPEC fraction, optimizer, loop
-    spec = generator_spec(c)
-    if spec.kind == "fixed" or spec.mix_other == "fixed":
-        tasks.get_task(c.data.task)  # the task must exist; whether it has responses is checked with the data
-    if c.data.source not in sources.SOURCES:
-        raise ValueError(f"config.data.source={c.data.source!r}; choose one of {sorted(sources.SOURCES)}")
-    tasks.get_task(c.data.task)
+    generator_spec(c)
+    sources.check_source(c.data.source, c.data.name, c.data.split, c.data.eval_split)
+    tasks.get_task(c.data.task)  # the task must exist; whether it has responses is checked with the data
     for name in ("max_prompt_len", "max_response_len", "pad_multiple"):
         if c.data[name] < 1:
             raise ValueError(f"config.data.{name} must be >= 1, got {c.data[name]}")
@@ -115,6 +112,13 @@ def validate(c: ConfigDict) -> tuple[str, ...]:
         _check_model_source(c[which].model, which)
     if (c.target.model == TINY) != (c.draft.model == TINY):
         raise ValueError("config.target.model and config.draft.model must both be 'tiny' (the offline pair) or neither")
+    if c.tokenizer == TINY and c.target.model != TINY:
+        raise ValueError(f"config.tokenizer={c.tokenizer!r} does not fit config.target.model={c.target.model!r}: "
+                         "the 'tiny' tokenizer belongs to the 'tiny' models; real models use their own ('' = "
+                         "the target's)")
+    if c.distill.adaspec_reference_steps < 0:
+        raise ValueError(f"config.distill.adaspec_reference_steps must be >= 0 (0 = distill.steps), got "
+                         f"{c.distill.adaspec_reference_steps}")
     gammas = tuple(c.eval.gammas)
     if not gammas or any(int(g) != g or g < 1 for g in gammas):
         raise ValueError(f"config.eval.gammas must be integers >= 1 (draft tokens per block), got {gammas}")
@@ -197,8 +201,15 @@ def _load_tokenizer(c: ConfigDict, target_dir: str, tiny_tokenizer: str | None):
 
 
 def model_cache(c: ConfigDict, workdir: str) -> wd.epath.Path:
-    """Where converted (or built) models are cached: config.tiny.cache_dir, else <workdir>/models."""
-    return wd.path(c.tiny.cache_dir) if c.tiny.cache_dir else wd.path(workdir, MODELS_DIR)
+    """Where converted (or built) models are cached: config.tiny.cache_dir, else <workdir>/models; the
+    tiny models of a gs:// workdir are built with local files, so they go to the local cache root."""
+    if c.tiny.cache_dir:
+        return wd.path(c.tiny.cache_dir)
+    if c.target.model == TINY and wd.is_remote(workdir):
+        from distillspec_jax import tokenizer as tok
+
+        return wd.path(str(tok.cache_root() / "tiny"))
+    return wd.path(workdir, MODELS_DIR)
 
 
 def enable_compilation_cache(c: ConfigDict, workdir: str) -> str | None:
@@ -471,7 +482,7 @@ def format_table(res: dict[str, Any]) -> str:
 def report(c: ConfigDict, workdir: str) -> dict[str, Any]:
     res = results(c, workdir)
     wd.write_json(wd.path(workdir, STAGE_FILES["report"]), res)
-    if c.tracking.wandb and not str(workdir).startswith("gs://"):
+    if c.tracking.wandb:
         from distillspec_jax import tracking
 
         tracking.upload_files(str(wd.path(workdir)), [STAGE_FILES["report"], "metrics.jsonl", wd.CONFIG_FILE],
@@ -483,7 +494,7 @@ def report(c: ConfigDict, workdir: str) -> dict[str, Any]:
         except ImportError:  # the library installed without the repository's analysis/ folder
             plots = None
             logging.warning("analysis.plots is not importable; skipping plots (run from the repository root)")
-        if c.plots and plots is not None and not str(workdir).startswith("gs://"):
+        if c.plots and plots is not None:
             plots.write_all([str(wd.path(workdir))], str(wd.path(workdir, "plots")))
         print(format_table(res), flush=True)
     return res
@@ -505,6 +516,9 @@ def run(c: ConfigDict, workdir: str) -> dict[str, Any] | None:
         print(f"[run] config changed and overwrite=True: discarding the earlier outputs in {workdir}", flush=True)
         wd.discard_outputs(workdir)
     wd.write_json(wd.path(workdir, wd.CONFIG_FILE), config)
+    # Process 0 discards and writes; every host then decides which stages are done from the same files
+    # (the workdir must be shared: gs:// or a shared filesystem).
+    shd.barrier("distillspec:config")
     enable_compilation_cache(c, workdir)
     done = {s for s, f in STAGE_FILES.items() if wd.path(workdir, f).exists()}
     todo = [s for s in stages if s == "prepare" or s == "report" or s not in done]
@@ -514,6 +528,7 @@ def run(c: ConfigDict, workdir: str) -> dict[str, Any] | None:
     models = prepare(c, workdir, mesh) if needs_models else None
     if "data" in todo:
         build_data(c, workdir, models, mesh)
+        shd.barrier("distillspec:data")  # every host reads what process 0 wrote
     if "eval_before" in todo:
         wd.write_json(wd.path(workdir, STAGE_FILES["eval_before"]),
                       evaluate(c, workdir, models, models.draft, mesh, "eval_before"))

@@ -172,6 +172,15 @@ def global_batch_dict(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
     return {key: global_batch(np.asarray(value), mesh) for key, value in local.items()}
 
 
+def barrier(name: str) -> None:
+    """Waits until every process reaches this point (a no-op on one process): what process 0 wrote to the
+    shared workdir before it is visible to all after it."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def place(tree, shardings):
     """Puts a pytree of arrays onto matching shardings (possibly spanning several hosts).
 

@@ -509,11 +509,14 @@ def build_qwen3_tokenizer(
 # ----------------------------------------------------------------------------------------------
 
 
+def cache_root() -> pathlib.Path:
+    """The local root of every distillspec_jax cache: $DISTILLSPEC_CACHE, else ~/.cache/distillspec_jax."""
+    return pathlib.Path(os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_ROOT).expanduser()
+
+
 def qwen3_cache_dir() -> pathlib.Path:
-    """Default folder for built Qwen3 tokenizers: `$DISTILLSPEC_CACHE/qwen3_tokenizer`, with
-    `~/.cache/distillspec_jax` when DISTILLSPEC_CACHE is unset."""
-    root = os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_ROOT
-    return pathlib.Path(root).expanduser() / QWEN3_CACHE_SUBDIR
+    """Default folder for built Qwen3 tokenizers: `<cache_root()>/qwen3_tokenizer`."""
+    return cache_root() / QWEN3_CACHE_SUBDIR
 
 
 def _qwen3_cache_key(vocab_file: pathlib.Path) -> str:

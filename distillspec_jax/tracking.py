@@ -136,6 +136,16 @@ def _is_remote(path: str | os.PathLike) -> bool:
     return str(path).startswith("gs://")
 
 
+def wandb_local_dir(workdir) -> pathlib.Path:
+    """Where W&B keeps its files: the workdir itself when local; for a gs:// workdir (wandb writes only
+    local files) a folder named after it under the local cache root."""
+    if not _is_remote(workdir):
+        return pathlib.Path(workdir)
+    from distillspec_jax.tokenizer import cache_root
+
+    return cache_root() / "wandb" / str(workdir).removeprefix("gs://").strip("/").replace("/", "__")
+
+
 def _have_wandb_key() -> bool:
     """Whether W&B credentials are available without asking: WANDB_API_KEY, an identity token file, or
     a `wandb login` entry in the netrc file for the W&B host. Only their presence is checked."""
@@ -150,8 +160,9 @@ def _have_wandb_key() -> bool:
     return bool(entry and entry[2])
 
 
-def _start_wandb(workdir: pathlib.Path, project: str, run_name: str | None, config: dict[str, Any], *,
+def _start_wandb(workdir, project: str, run_name: str | None, config: dict[str, Any], *,
                  entity: str | None = None, tags: Sequence[str] | str = ()):
+    """`workdir` is a pathlib.Path or, for gs://, an epath.Path; the run id lives there either way."""
     import wandb
 
     from distillspec_jax.workdir import redact
@@ -163,8 +174,9 @@ def _start_wandb(workdir: pathlib.Path, project: str, run_name: str | None, conf
     if mode in ("offline", "dryrun") and not _offline_notice_given:
         _offline_notice_given = True
         why = "WANDB_MODE=" + explicit_mode if explicit_mode else "no W&B API key (WANDB_API_KEY or `wandb login`)"
+        runs = wandb_local_dir(workdir) / "wandb"
         logging.warning("W&B runs in offline mode (%s): runs are kept under %s; upload them later with "
-                        "`wandb sync %s`", why, workdir / "wandb", workdir / "wandb" / "offline-run-*")
+                        "`wandb sync %s`", why, runs, runs / "offline-run-*")
     id_file = workdir / WANDB_ID_FILE
     run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(WANDB_ID_BYTES)
     id_file.write_text(run_id + "\n")
@@ -173,10 +185,12 @@ def _start_wandb(workdir: pathlib.Path, project: str, run_name: str | None, conf
     tags = [str(t) for t in tags if str(t)]
     if hasattr(config, "to_dict"):  # an ml_collections ConfigDict: plain nested dicts, so redact sees them
         config = config.to_dict()
-    name = run_name or workdir.resolve().name
+    name = run_name or (workdir.name if _is_remote(workdir) else workdir.resolve().name)
+    local_dir = wandb_local_dir(workdir)
+    local_dir.mkdir(parents=True, exist_ok=True)
     logging.info("W&B run %s (%s) in project %s", run_id, name, project)
     return wandb.init(project=project, entity=entity or None, name=name, tags=tags or None, id=run_id,
-                      resume="allow", dir=str(workdir), config=redact(dict(config)), mode=mode)
+                      resume="allow", dir=str(local_dir), config=redact(dict(config)), mode=mode)
 
 
 def upload_files(workdir: str | os.PathLike, names: Sequence[str], *, project: str, run_name: str | None = None,
@@ -186,13 +200,19 @@ def upload_files(workdir: str | os.PathLike, names: Sequence[str], *, project: s
     so that a notebook can fetch a run's results from W&B alone. Process 0 only; returns the names saved."""
     if jax.process_index() != 0:
         return []
-    workdir = pathlib.Path(workdir)
+    remote = _is_remote(workdir)
+    workdir = epath.Path(workdir) if remote else pathlib.Path(workdir)
     run = _start_wandb(workdir, project, run_name, config or {}, entity=entity, tags=tags)
+    # wandb uploads local files: a gs:// workdir's files are copied beside its local W&B folder first.
+    local = wandb_local_dir(workdir) / "files" if remote else workdir
     saved = []
     try:
         for name in names:
             if (workdir / name).is_file():
-                run.save(str(workdir / name), base_path=str(workdir), policy="now")
+                if remote:
+                    local.mkdir(parents=True, exist_ok=True)
+                    (local / name).write_bytes((workdir / name).read_bytes())
+                run.save(str(local / name), base_path=str(local), policy="now")
                 saved.append(name)
     finally:
         run.finish()

@@ -5,7 +5,9 @@ Layout (design §7):
     metrics.jsonl        training metrics, one JSON object a line
     checkpoints/         Orbax CheckpointManager of the distillation loop
     data/                tokenised train/eval data and target-generated responses
-    models/              converted or built models, the distilled draft (Orbax and HF safetensors)
+    models/              converted or built models (and, by default, the XLA compilation cache)
+    reference/           AdaSPEC's reference draft and its checkpoints (AdaSPEC runs only)
+    distilled/           the distilled draft: Orbax (orbax/) and HF safetensors (hf/), summary.json
     eval_before.json     the evaluation of the undistilled draft
     eval_after.json      the evaluation of the distilled draft
     results.json         both evaluations and the training summary
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -28,16 +31,25 @@ from distillspec_jax import files
 
 CONFIG_FILE = "config.json"
 # Fields that change how a run is executed or reported, not what it computes: a rerun may change them.
-RERUNNABLE_FIELDS = ("stages", "overwrite", "distributed", "tracking", "plots", "compilation_cache",
+# The mesh is one: checkpoints restore onto any mesh, so a preempted run may resume on another slice.
+RERUNNABLE_FIELDS = ("stages", "overwrite", "distributed", "tracking", "plots", "compilation_cache", "mesh",
+                     "distill.checkpoint_every", "distill.keep_checkpoints", "distill.log_every",
                      "eval.timing_repeats", "tiny.cache_dir")
-# Key names whose values never reach a file: the W&B key would otherwise be one override away.
-SECRET_MARKERS = ("api_key", "token", "secret", "password")
+# Key names whose values never reach a file: the W&B key would otherwise be one override away. A name
+# is secret when it is, or ends in "_" plus, one of these (hf_token, wandb_api_key), so that fields such as
+# max_new_tokens or tokenizer keep their values and stay visible to the config guard.
+SECRET_NAME = re.compile(r"(^|_)(api_key|token|secret|password)$", re.IGNORECASE)
+
+
+def is_remote(workdir: str | os.PathLike) -> bool:
+    """A gs:// workdir: read and written through epath, never through local-file APIs."""
+    return str(workdir).startswith("gs://")
 
 
 def path(workdir: str | os.PathLike, *parts: str) -> epath.Path:
     """An epath under the workdir; local paths are made absolute (Orbax needs absolute paths)."""
     root = str(workdir)
-    base = epath.Path(root if root.startswith("gs://") else os.path.abspath(root))
+    base = epath.Path(root if is_remote(root) else os.path.abspath(root))
     return base.joinpath(*parts) if parts else base
 
 
@@ -55,7 +67,7 @@ def read_json(target: epath.Path) -> Any | None:
 def redact(obj: Any) -> Any:
     """A copy of a nested dict with the values of secret-looking keys replaced."""
     if isinstance(obj, dict):
-        return {k: ("<redacted>" if any(m in k.lower() for m in SECRET_MARKERS) else redact(v)) for k, v in obj.items()}
+        return {k: ("<redacted>" if SECRET_NAME.search(k) else redact(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]
     return obj

@@ -155,7 +155,9 @@ def test_raw_templates_for_base_models(qwen_tok):
     assert tasks.render_response(he, EXAMPLES["humaneval"], qwen_tok, chat=False) == "    return x\n"
     lm = tasks.get_task("lm1b")
     prompt = tasks.render_prompt(lm, EXAMPLES["lm1b"], qwen_tok, chat=False)
-    assert prompt + " " + tasks.render_response(lm, EXAMPLES["lm1b"], qwen_tok, chat=False) == EXAMPLES["lm1b"]["text"]
+    response = tasks.render_response(lm, EXAMPLES["lm1b"], qwen_tok, chat=False)
+    # Prompt and response are tokenized apart and concatenated: the response must carry the space itself.
+    assert prompt + response == EXAMPLES["lm1b"]["text"] and response.startswith(" ")
 
 
 def test_unknown_task_is_an_error():

@@ -148,7 +148,21 @@ def test_changed_config_is_refused_without_overwrite(pipeline_workdir, tmp_path)
     stored = json.loads((pipeline_workdir / "config.json").read_text())
     changed = json.loads(json.dumps(stored))
     changed["stages"], changed["eval"]["timing_repeats"] = "report", 7
+    changed["mesh"]["data"], changed["distill"]["checkpoint_every"] = 2, 1
     assert wd.config_differences(stored, changed) == []
+
+
+def test_redaction_hides_secrets_but_not_token_budgets():
+    # Fields named after tokens are settings, not secrets: redacting them would also hide their changes
+    # from the resume guard.
+    config = {"eval": {"max_new_tokens": 48}, "tokenizer": "tiny", "hf_token": "hf_x", "tracking": {"api_key": "k"},
+              "db": {"password": "p", "secret": "s"}}
+    assert wd.redact(config) == {"eval": {"max_new_tokens": 48}, "tokenizer": "tiny", "hf_token": "<redacted>",
+                                 "tracking": {"api_key": "<redacted>"},
+                                 "db": {"password": "<redacted>", "secret": "<redacted>"}}
+    changed = json.loads(json.dumps(config))
+    changed["eval"]["max_new_tokens"] = 64
+    assert wd.config_differences(wd.redact(config), wd.redact(changed)) == ["eval.max_new_tokens"]
 
 
 def test_unknown_config_key_is_an_error(tmp_path):
@@ -167,7 +181,11 @@ def test_unknown_config_key_is_an_error(tmp_path):
     ("generator.kind", "teacher", "unknown generator"),
     ("generator.mix_lambda", 2.0, "mix_lambda"),
     ("stages", "prepare,train", "unknown stages"),
-    ("data.source", "s3", "data.source"),
+    ("data.source", "s3", "unknown data source"),
+    ("data.eval_split", "test", "has no splits"),  # humaneval is one collection: held-out prompts only
+    ("data.name", "/no/such/file.jsonl", "does not exist"),
+    ("tokenizer", "tiny", "belongs to the 'tiny' models"),
+    ("distill.adaspec_reference_steps", -1, "adaspec_reference_steps"),
     ("draft.model", "/no/such/checkpoint", "no/such/checkpoint"),
 ])
 def test_bad_settings_fail_validation(field, value, message):
@@ -178,6 +196,10 @@ def test_bad_settings_fail_validation(field, value, message):
         c.generator.kind = "mix"
     if field == "draft.model":
         c.target.model = "/no/such/checkpoint"
+    if field == "data.name":
+        c.data.source = "jsonl"
+    if field == "tokenizer":
+        c.target.model = c.draft.model = "Qwen/Qwen3-0.6B"
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         experiment.validate(c)
 
@@ -226,3 +248,13 @@ def test_compilation_cache_sits_beside_the_model_cache(tmp_path):
         assert experiment.enable_compilation_cache(c, str(tmp_path)) is None
     finally:
         jax.config.update("jax_compilation_cache_dir", previous)
+
+
+def test_tiny_models_of_a_gs_workdir_are_cached_locally(monkeypatch, tmp_path):
+    # The tiny build writes with local-file APIs; real conversions (Orbax) may live under gs://.
+    monkeypatch.setenv("DISTILLSPEC_CACHE", str(tmp_path))
+    tiny_cfg = jsd.get_config("test")
+    assert str(experiment.model_cache(tiny_cfg, "gs://bucket/run")) == str(tmp_path / "tiny")
+    assert str(experiment.model_cache(tiny_cfg, str(tmp_path / "run"))) == str(tmp_path / "run" / "models")
+    real = jsd.get_config("")
+    assert str(experiment.model_cache(real, "gs://bucket/run")) == "gs://bucket/run/models"

@@ -212,3 +212,10 @@ def test_upload_files_attaches_results_to_the_same_wandb_run(wandb_env, tmp_path
     assert len(runs) == 2 and [_run_record(r).run_id for r in runs] == [run_id, run_id]
     uploaded = runs[-1] / "files" / "results.json"
     assert uploaded.is_file() and uploaded.read_text() == '{"schema": 1}\n'
+
+
+def test_a_gs_workdir_keeps_wandb_files_in_a_local_folder_named_after_it(monkeypatch, tmp_path):
+    # wandb writes only local files, so a gs:// workdir's W&B folder lives under the local cache root.
+    monkeypatch.setenv("DISTILLSPEC_CACHE", str(tmp_path))
+    assert tracking.wandb_local_dir("gs://bucket/runs/jsd") == tmp_path / "wandb" / "bucket__runs__jsd"
+    assert tracking.wandb_local_dir(tmp_path / "run") == tmp_path / "run"

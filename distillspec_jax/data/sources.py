@@ -8,6 +8,7 @@ so early and name the offline alternatives.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import os
 import pathlib
@@ -191,9 +192,36 @@ SOURCES: dict[str, Callable[..., list[Example]]] = {
 }
 
 
+# Sources that are one undivided collection: `split` means nothing to them, so evaluation prompts must be
+# held out of the training examples (eval_split '') rather than read from a "split" that is the same data.
+SPLITLESS_SOURCES = ("jsonl", "humaneval", "stdlib", "stdlib_docstrings")
+
+
+def check_source(source: str, name: str, split: str, eval_split: str) -> None:
+    """The checks `load` would make that need no data: run before any model is loaded or converted."""
+    if source not in SOURCES:
+        raise DataSourceError(f"unknown data source {source!r}; choose one of {sorted(SOURCES)}")
+    if source in SPLITLESS_SOURCES and eval_split:
+        raise DataSourceError(f"data source {source!r} has no splits, so eval_split={eval_split!r} would evaluate "
+                              "on training examples; set config.data.eval_split='' to hold evaluation prompts out")
+    if source in ("hf", "jsonl") and not name:
+        raise DataSourceError(f"data source {source!r} needs config.data.name (a dataset id or a file path)")
+    if source == "jsonl" and not pathlib.Path(name).is_file():
+        raise DataSourceError(f"JSONL file {name!r} does not exist")
+    if source == "tfds":
+        if importlib.util.find_spec("tensorflow") is None:
+            raise DataSourceError("TFDS sources read data through tensorflow, which is not installed: "
+                                  "pip install tensorflow-cpu, or use the same dataset from the HF hub (source 'hf')")
+        if name not in TFDS_NAMES:
+            raise DataSourceError(f"unknown TFDS dataset {name!r}; supported: {', '.join(TFDS_NAMES)}")
+        for s in (split, eval_split):
+            if s and s.split("[")[0] not in TFDS_SPLITS[name]:
+                raise DataSourceError(f"TFDS {name!r} has no split {s!r}; its splits are {TFDS_SPLITS[name]}")
+
+
 def load(source: str, name: str = "", config_name: str | None = None, split: str = "train",
          data_dir: str | None = None, limit: int | None = None) -> list[Example]:
-    """Dispatches on `source` ('hf', 'tfds', 'jsonl', 'humaneval', 'stdlib')."""
+    """Dispatches on `source`, one of SOURCES."""
     if source == "hf":
         return hf_dataset(name, config_name or None, split, limit)
     if source == "tfds":

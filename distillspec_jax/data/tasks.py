@@ -87,7 +87,9 @@ TASKS: dict[str, Task] = {
     "wmt_en_de": Task("wmt_en_de", lambda ex: f"Translate the following English text to German.\n\n{_wmt_source(ex)}",
                       _wmt_target),
     "lm1b": Task("lm1b", lambda ex: f"Continue the following text.\n\n{_lm1b_split(ex)[0]}",
-                 lambda ex: _lm1b_split(ex)[1].strip(), raw_prompt=lambda ex: _lm1b_split(ex)[0]),
+                 lambda ex: _lm1b_split(ex)[1].strip(), raw_prompt=lambda ex: _lm1b_split(ex)[0],
+                 # Raw text continues the prompt directly, so the response keeps the space between the halves.
+                 raw_response=lambda ex: _lm1b_split(ex)[1]),
     "mbpp": Task("mbpp", _mbpp_prompt, lambda ex: _code_fence(_first(ex, "code"))),
     # Base LMs complete the function body directly after its signature and docstring.
     "humaneval": Task("humaneval", _humaneval_prompt, lambda ex: _code_fence(_first(ex, "canonical_solution")),
