@@ -1,8 +1,8 @@
 """DistillSpec-JAX: distil a draft toward a target and measure speculative decoding before and after.
 
     python main.py --config=configs/jsd.py --workdir=gs://bucket/run       # Qwen3-0.6B -> Qwen3-8B, GSM8K
-    python main.py --config=configs/jsd.py:tiny --workdir=/tmp/run         # offline default, minutes on a CPU
-    python main.py --config=configs/fkl.py:tiny --workdir=/tmp/run --config.distill.steps=300
+    python main.py --config=configs/jsd.py:tiny --workdir=/tmp/jsd_tiny    # offline default, minutes on a CPU
+    python main.py --config=configs/fkl.py:tiny --workdir=/tmp/fkl_tiny --config.distill.steps=300
 
 Stages, resume and outputs: distillspec_jax/experiment.py and design §7.
 """

@@ -86,7 +86,15 @@ def distill_table(result: dict) -> str:
     return _table(header, rows)
 
 
-TABLES = {"decode": decode_table, "speculative": speculative_tables, "distill_step": distill_table}
+def profile_table(result: dict[str, Any]) -> str:
+    """One row: where a decode step's time goes, ms per step by op group (bench/profile_decode.py)."""
+    groups = result["groups_ms_per_step"]
+    header = ["B", "op time / step"] + list(groups)
+    return _table(header, [[str(result["batch"]), _f(result["op_ms_per_step"])] + [_f(v) for v in groups.values()]])
+
+
+TABLES = {"decode": decode_table, "speculative": speculative_tables, "distill_step": distill_table,
+          "profile_decode": profile_table}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,7 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     for path in args.files:
         with open(path) as f:
             result = json.load(f)
-        print(f"<!-- {path} -->\n{TABLES[result['benchmark']](result)}\n")
+        kind = result.get("benchmark")
+        if kind not in TABLES:
+            raise SystemExit(f"{path}: benchmark {kind!r} has no table; known: {sorted(TABLES)}")
+        print(f"<!-- {path} -->\n{TABLES[kind](result)}\n")
 
 
 if __name__ == "__main__":

@@ -99,3 +99,15 @@ def test_distill_step_bench_reports_mfu_and_memory():
             assert_positive(memory, "peak_estimate_bytes")
         else:
             assert memory["reason"]
+
+
+def test_report_renders_every_stored_result(capsys):
+    # docs/benchmarks.md's tables come from these files through bench.report: every kind must render.
+    from bench import report
+
+    folder = os.path.join(REPO, "bench", "results")
+    paths = sorted(os.path.join(root, f) for root, _, names in os.walk(folder) for f in names if f.endswith(".json"))
+    assert paths
+    report.main(paths)
+    out = capsys.readouterr().out
+    assert out.count("<!-- ") == len(paths) and "| B | op time / step |" in out
