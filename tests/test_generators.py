@@ -122,11 +122,25 @@ def test_mix_chooses_per_example(mesh, draft):
     np.testing.assert_array_equal(only_other["tokens"], fixed["tokens"])
     np.testing.assert_array_equal(only_draft["tokens"], on_policy["tokens"])
     half = first("mix", mix_lambda=0.5, mix_other="fixed")
-    from_draft = [np.array_equal(half["tokens"][b], on_policy["tokens"][b]) for b in range(BATCH)]
-    from_fixed = [np.array_equal(half["tokens"][b], fixed["tokens"][b]) for b in range(BATCH)]
-    assert all(d or f for d, f in zip(from_draft, from_fixed))
-    assert 0 < sum(from_draft) < BATCH  # both kinds present in a batch of 8 (fixed seed)
+    takes_b = generators.mix_takes_draft(0, 0, _batcher().indices(0), 0.5)
+    for b in range(BATCH):
+        np.testing.assert_array_equal(half["tokens"][b], (on_policy if takes_b[b] else fixed)["tokens"][b])
+    assert 0 < takes_b.sum() < BATCH  # both kinds present in this batch of 8 (fixed seed)
     np.testing.assert_array_equal(first("mix", mix_lambda=0.5, mix_other="fixed")["tokens"], half["tokens"])
+
+
+@pytest.mark.parametrize("mix_lambda", [0.1, 0.5, 0.8])
+def test_mix_honours_lambda_statistically(mix_lambda):
+    """The draft share over many (batch, example) coins is Binomial(n, λ): within 4.5 standard deviations
+    (a false alarm about once in 150000 runs); a coin that ignored λ or its inputs would miss by far."""
+    positions, rows = 400, 50
+    takes = np.stack([generators.mix_takes_draft(3, pos, np.arange(rows), mix_lambda) for pos in range(positions)])
+    n = takes.size
+    assert abs(takes.mean() - mix_lambda) <= 4.5 * np.sqrt(mix_lambda * (1 - mix_lambda) / n)
+    # Independent across batches and examples: neighbouring coins agree as often as independent ones would.
+    agree = np.mean(takes[1:] == takes[:-1])
+    expected = mix_lambda**2 + (1 - mix_lambda) ** 2
+    assert abs(agree - expected) <= 4.5 * np.sqrt(expected * (1 - expected) / takes[1:].size)
 
 
 def test_generate_responses_covers_every_prompt(mesh, draft):

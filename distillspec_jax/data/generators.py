@@ -137,8 +137,7 @@ def make_source(spec: GeneratorSpec, batcher: pipeline.Batcher, prompt_len: int,
         if spec.kind == "mix":
             other = batcher.sequences(position, length=length)
             rows = batcher.indices(position)[shd.host_slice(batcher.global_batch)]
-            coins = np.asarray([np.random.default_rng([seed, _MIX_STREAM, position, int(r)]).random() for r in rows])
-            use_draft = (coins < spec.mix_lambda)[:, None]
+            use_draft = mix_takes_draft(seed, position, rows, spec.mix_lambda)[:, None]
             tokens = np.where(use_draft, tokens, other["tokens"])
             response = np.where(use_draft, response, other["response_mask"])
         return {"tokens": tokens.astype(np.int32), "loss_mask": loss_mask(response)}
@@ -155,6 +154,14 @@ def make_source(spec: GeneratorSpec, batcher: pipeline.Batcher, prompt_len: int,
             position += 1
 
     return batches
+
+
+def mix_takes_draft(seed: int, position: int, rows_b: np.ndarray, mix_lambda: float) -> np.ndarray:
+    """[B] bool: which rows of batch `position` take the draft's response under `mix`, each with
+    probability mix_lambda. rows_b: [B] example indices. A function of (seed, position, example) alone, so
+    every host and every resume draws the same coins whatever the mesh."""
+    coins_b = np.asarray([np.random.default_rng([seed, _MIX_STREAM, position, int(r)]).random() for r in rows_b])
+    return coins_b < mix_lambda
 
 
 def _snapshot(model: qwen3.Qwen3, copy: bool) -> qwen3.Qwen3:
