@@ -131,13 +131,13 @@ def test_mix_chooses_per_example(mesh, draft):
 
 @pytest.mark.parametrize("mix_lambda", [0.1, 0.5, 0.8])
 def test_mix_honours_lambda_statistically(mix_lambda):
-    """The draft share over many (batch, example) coins is Binomial(n, λ): within 4.5 standard deviations
-    (a false alarm about once in 150000 runs); a coin that ignored λ or its inputs would miss by far."""
+    """The draft share over many (batch, example) coins is Binomial(n, λ): within 4.5 standard deviations,
+    a bound a correct coin misses for about one seed in 150000; a coin that ignored λ or its inputs misses by far."""
     positions, rows = 400, 50
     takes = np.stack([generators.mix_takes_draft(3, pos, np.arange(rows), mix_lambda) for pos in range(positions)])
     n = takes.size
     assert abs(takes.mean() - mix_lambda) <= 4.5 * np.sqrt(mix_lambda * (1 - mix_lambda) / n)
-    # Independent across batches and examples: neighbouring coins agree as often as independent ones would.
+    # Independent across batches: the same example in consecutive batches agrees as often as independent coins.
     agree = np.mean(takes[1:] == takes[:-1])
     expected = mix_lambda**2 + (1 - mix_lambda) ** 2
     assert abs(agree - expected) <= 4.5 * np.sqrt(expected * (1 - expected) / takes[1:].size)
