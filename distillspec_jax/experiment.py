@@ -27,7 +27,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from distillspec_jax import evaluate as ev
-from distillspec_jax import hub
+from distillspec_jax import files, hub
 from distillspec_jax import sharding as shd
 from distillspec_jax import train
 from distillspec_jax import workdir as wd
@@ -205,7 +205,7 @@ def model_cache(c: ConfigDict, workdir: str) -> wd.epath.Path:
     tiny models of a gs:// workdir are built with local files, so they go to the local cache root."""
     if c.tiny.cache_dir:
         return wd.path(c.tiny.cache_dir)
-    if c.target.model == TINY and wd.is_remote(workdir):
+    if c.target.model == TINY and files.is_remote(workdir):
         from distillspec_jax import tokenizer as tok
 
         return wd.path(str(tok.cache_root() / "tiny"))

@@ -14,11 +14,16 @@ from typing import Any
 from etils import epath
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+    """A gs:// path: read and written through epath, never through local-file APIs."""
+    return str(path).startswith("gs://")
+
+
 def write_text(target: str | os.PathLike, text: str) -> None:
     """Replaces `target` with `text` atomically, creating its folder."""
     target = epath.Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if str(target).startswith("gs://"):
+    if is_remote(target):
         target.write_text(text)
         return
     tmp = target.parent / f".{target.name}.tmp"

@@ -82,7 +82,7 @@ class MetricsLogger:
                  wandb_tags: Sequence[str] | str = ()):
         """`run_name` None or '' names the W&B run after the workdir; `wandb_entity` None or '' means the
         key's default entity; `wandb_tags` is a sequence or a comma-separated string."""
-        self.remote = _is_remote(workdir)
+        self.remote = files.is_remote(workdir)
         self.workdir = epath.Path(workdir) if self.remote else pathlib.Path(workdir)
         self.path = self.workdir / METRICS_FILE
         self.active = jax.process_index() == 0
@@ -132,14 +132,10 @@ class MetricsLogger:
         self.close(exit_code=None if exc_type is None else 1)
 
 
-def _is_remote(path: str | os.PathLike) -> bool:
-    return str(path).startswith("gs://")
-
-
 def wandb_local_dir(workdir) -> pathlib.Path:
     """Where W&B keeps its files: the workdir itself when local; for a gs:// workdir (wandb writes only
     local files) a folder named after it under the local cache root."""
-    if not _is_remote(workdir):
+    if not files.is_remote(workdir):
         return pathlib.Path(workdir)
     from distillspec_jax.tokenizer import cache_root
 
@@ -185,7 +181,7 @@ def _start_wandb(workdir, project: str, run_name: str | None, config: dict[str, 
     tags = [str(t) for t in tags if str(t)]
     if hasattr(config, "to_dict"):  # an ml_collections ConfigDict: plain nested dicts, so redact sees them
         config = config.to_dict()
-    name = run_name or (workdir.name if _is_remote(workdir) else workdir.resolve().name)
+    name = run_name or (workdir.name if files.is_remote(workdir) else workdir.resolve().name)
     local_dir = wandb_local_dir(workdir)
     local_dir.mkdir(parents=True, exist_ok=True)
     logging.info("W&B run %s (%s) in project %s", run_id, name, project)
@@ -200,7 +196,7 @@ def upload_files(workdir: str | os.PathLike, names: Sequence[str], *, project: s
     so that a notebook can fetch a run's results from W&B alone. Process 0 only; returns the names saved."""
     if jax.process_index() != 0:
         return []
-    remote = _is_remote(workdir)
+    remote = files.is_remote(workdir)
     workdir = epath.Path(workdir) if remote else pathlib.Path(workdir)
     run = _start_wandb(workdir, project, run_name, config or {}, entity=entity, tags=tags)
     # wandb uploads local files: a gs:// workdir's files are copied beside its local W&B folder first.

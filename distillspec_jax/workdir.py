@@ -41,15 +41,10 @@ RERUNNABLE_FIELDS = ("stages", "overwrite", "distributed", "tracking", "plots", 
 SECRET_NAME = re.compile(r"(^|_)(api_key|token|secret|password)$", re.IGNORECASE)
 
 
-def is_remote(workdir: str | os.PathLike) -> bool:
-    """A gs:// workdir: read and written through epath, never through local-file APIs."""
-    return str(workdir).startswith("gs://")
-
-
 def path(workdir: str | os.PathLike, *parts: str) -> epath.Path:
     """An epath under the workdir; local paths are made absolute (Orbax needs absolute paths)."""
     root = str(workdir)
-    base = epath.Path(root if is_remote(root) else os.path.abspath(root))
+    base = epath.Path(root if files.is_remote(root) else os.path.abspath(root))
     return base.joinpath(*parts) if parts else base
 
 

@@ -263,7 +263,7 @@ def export_hf(model: qwen3.Qwen3, out_dir: str | os.PathLike, dtype: str | None 
     Every process must call this (sharded arrays are gathered); process 0 writes. A gs:// out_dir is
     written locally first (the safetensors writer needs a local file) and then uploaded file by file.
     """
-    if str(out_dir).startswith("gs://"):
+    if files.is_remote(out_dir):
         with tempfile.TemporaryDirectory(prefix="distillspec-export-") as staging:
             export_hf(model, staging, dtype, tokenizer_from, max_shard_bytes)
             remote = epath.Path(out_dir)
@@ -328,7 +328,7 @@ def save_orbax(model: qwen3.Qwen3, directory: str | os.PathLike) -> epath.Path:
     import orbax.checkpoint as ocp
 
     directory = epath.Path(directory)
-    if not str(directory).startswith("gs://"):
+    if not files.is_remote(directory):
         directory = epath.Path(os.path.abspath(directory))
     directory.mkdir(parents=True, exist_ok=True)
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -349,7 +349,7 @@ def load_orbax(directory: str | os.PathLike, mesh: Mesh | None = None, **cfg_ove
     import orbax.checkpoint as ocp
 
     directory = epath.Path(directory)
-    if not str(directory).startswith("gs://"):
+    if not files.is_remote(directory):
         directory = epath.Path(os.path.abspath(directory))
     if not (directory / ORBAX_CONFIG).exists():
         raise FileNotFoundError(f"{directory} holds no converted model ({ORBAX_CONFIG} missing); convert one first "
@@ -372,7 +372,7 @@ def convert_hf_to_orbax(path_or_hub_id: str, out_dir: str, dtype: str = "float32
     model = load_hf(path_or_hub_id, dtype=dtype, mesh=mesh)
     out = save_orbax(model, out_dir)
     src = resolve_checkpoint(path_or_hub_id)
-    if jax.process_index() == 0 and not str(out).startswith("gs://"):
+    if jax.process_index() == 0 and not files.is_remote(out):
         tok = pathlib.Path(str(out)) / TOKENIZER_DIR
         tok.mkdir(exist_ok=True)
         _copy_tokenizer_files(src, tok)
