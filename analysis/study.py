@@ -333,7 +333,8 @@ def _contrast_tables(table: list[dict], gamma: int) -> list[str]:
             if len(rows) >= 2:
                 best, second = rows[0]["divergence"], rows[1]["divergence"]
                 c = paired_difference(table, (best, generator), (second, generator), temperature, gamma)
-                lines.append(_paired_row(c, generator, best, second))
+                if c:  # None while a half-finished grid has no seed in common for the two
+                    lines.append(_paired_row(c, generator, best, second))
     contrasts = comparisons(table, gamma)
     lines += ["", f"### On-policy (draft-generated) against target-generated data (γ = {gamma})", "",
               "| temperature | divergence | τ draft − τ target [95% CI] | draft better at every seed |", "|---|---|---|---|"]

@@ -91,3 +91,16 @@ def test_paired_difference_pairs_by_seed():
     assert c["seeds"] == 3 and c["difference"][0] == pytest.approx((0.1 + 0.1 - 0.1) / 3)
     assert not c["a_wins_every_seed"]
     assert study.paired_difference(table, ("fkl", "draft"), ("tvd", "draft"), 1.0, 3) is None
+
+
+def test_contrast_tables_skip_pairs_without_a_common_seed():
+    # A half-finished grid: FKL has seed 0 only, JSD seed 1 only, TVD both; the best-vs-runner-up row needs a
+    # seed in common, so only TVD (the best) against JSD may appear.
+    def entry(divergence, seeds, taus):
+        return {"divergence": divergence, "generator": "draft", "temperature": 1.0, "gamma": 3,
+                "seed_ids": seeds, "tau_after_per_seed": taus, "tau_after": [float(np.mean(taus)), 0.0, 0.0]}
+    table = [entry("jsd", [1], [2.5]), entry("fkl", [0], [2.2])]
+    lines = study._contrast_tables(table, 3)
+    assert not any(line.startswith("| 1 | draft |") for line in lines)
+    table.append(entry("tvd", [0, 1], [2.6, 2.8]))
+    assert any(line.startswith("| 1 | draft | tvd | jsd |") for line in study._contrast_tables(table, 3))
