@@ -76,7 +76,7 @@ def random_batch(batch: int, seq_len: int, cfg: qwen3.Qwen3Config, seed: int) ->
 def measure(args: argparse.Namespace, loss_chunk: int, student_cfg: qwen3.Qwen3Config, teacher: qwen3.Qwen3,
             mesh, flops_per_token: float, peak: float) -> dict[str, Any]:
     """One configuration: compile, then the median step time over args.runs steps."""
-    cfg = train.TrainConfig(divergence=args.divergence, loss_chunk=loss_chunk, warmup_steps=1,
+    cfg = train.TrainConfig(divergence=args.divergence, loss_chunk=loss_chunk, warmup_steps=1, remat=args.remat,
                             total_steps=max(2, args.runs + 2), grad_clip_norm=1.0)
     # A fresh student per configuration: the step donates the state, whose first buffers are the model's own.
     distiller = train.Distiller(cfg, common.build_model(student_cfg, args.seed), teacher, mesh)
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     teacher_cfg = common.model_config(args.teacher, args.dtype, args.vocab_size)
     student_cfg = common.model_config(args.student, args.dtype, args.vocab_size).replace(
-        param_dtype=args.student_param_dtype, remat=args.remat)
+        param_dtype=args.student_param_dtype)
     if (student_cfg.vocab_size, student_cfg.real_vocab_size) != (teacher_cfg.vocab_size, teacher_cfg.real_vocab_size):
         parser.error(f"student and teacher vocabularies differ ({student_cfg.vocab_size} vs {teacher_cfg.vocab_size}); "
                      "pick shapes of one family or set --vocab_size")

@@ -69,7 +69,7 @@ def train_config(c: ConfigDict) -> train.TrainConfig:
         warmup_steps=d.warmup_steps, total_steps=d.steps, end_lr_fraction=d.end_lr_fraction,
         weight_decay=d.weight_decay, b1=d.b1, b2=d.b2, grad_clip_norm=d.grad_clip_norm,
         grad_accum_steps=d.grad_accum_steps, checkpoint_every=d.checkpoint_every, keep_checkpoints=d.keep_checkpoints,
-        log_every=d.log_every, seed=c.seed)
+        log_every=d.log_every, remat=d.remat, seed=c.seed)
 
 
 def eval_samplers(c: ConfigDict) -> list[Sampler]:
@@ -181,8 +181,7 @@ def _converted(source: str, param_dtype: str, cache: wd.epath.Path, mesh) -> str
         logging.info("using the converted %s in %s", source, out)
         return str(out)
     print(f"[prepare] converting {source} to Orbax in {out}", flush=True)
-    if hub.looks_like_hub_id(source) and not os.path.isdir(source):
-        hub.require_hub(source)
+    # The loader resolves hub ids itself: the local HF cache first, then the Hub (with one early probe).
     convert.convert_hf_to_orbax(source, str(out), dtype=param_dtype, mesh=mesh)
     return str(out)
 
@@ -247,14 +246,19 @@ def prepare(c: ConfigDict, workdir: str, mesh) -> Models:
     if len(tokenizer) > target.cfg.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the models only {target.cfg.vocab_size} "
                          "rows; config.tokenizer does not belong to these models")
-    print(f"[prepare] target {target.cfg.num_params() / 1e6:.2f}M params ({c.target.dtype}), draft "
-          f"{draft.cfg.num_params() / 1e6:.2f}M params ({c.draft.dtype}), vocab {target.cfg.vocab_size}", flush=True)
+    print(f"[prepare] target {describe_model(target.cfg)}, draft {describe_model(draft.cfg)}, vocab "
+          f"{target.cfg.vocab_size}", flush=True)
     return Models(target, draft, tokenizer, draft_dir)
 
 
+def describe_model(cfg: qwen3.Qwen3Config) -> str:
+    """'596.05M params (float32 parameters, bfloat16 compute)': both dtypes, since a draft's float32 master
+    weights and its bfloat16 arithmetic differ."""
+    return f"{cfg.num_params() / 1e6:.2f}M params ({cfg.param_dtype} parameters, {cfg.dtype} compute)"
+
+
 def load_draft(c: ConfigDict, directory: str, mesh) -> qwen3.Qwen3:
-    return convert.load_orbax(directory, mesh, dtype=c.draft.dtype, param_dtype=c.draft.param_dtype,
-                              remat=bool(c.distill.remat))
+    return convert.load_orbax(directory, mesh, dtype=c.draft.dtype, param_dtype=c.draft.param_dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (one is also written at the end and on SIGTERM)
     keep_checkpoints: int = 2  # most recent checkpoints kept on disk
     log_every: int = 10  # steps between metrics lines
+    remat: bool = False  # recompute each draft layer in the backward pass (activation memory of the step)
     seed: int = 0  # seed of the run's RNG (data generation); on resume the checkpointed RNG is used
 
     def __post_init__(self):
@@ -265,7 +266,8 @@ class Distiller:
         if self.spec.adaspec:
             reference = nnx.merge(self.reference_graphdef, reference_params)
             reference_head, reference_h_btd = reference.logits, jax.lax.stop_gradient(reference.hidden_states(tokens_bt))
-        return dv.token_values(self.spec, self.real_vocab_size, draft.logits, draft.hidden_states(tokens_bt),
+        draft_h_btd = draft.hidden_states(tokens_bt, remat=self.cfg.remat)
+        return dv.token_values(self.spec, self.real_vocab_size, draft.logits, draft_h_btd,
                                target_head, target_h_btd, dv.next_token_labels(tokens_bt),
                                reference_head, reference_h_btd)
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -300,3 +301,32 @@ def test_mesh_that_does_not_fill_the_devices_raises():
         shd.make_mesh(2, 2, 1)
     with pytest.raises(ValueError, match="8 is not a multiple of 3"):
         shd.make_mesh(-1, 3, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rematerialisation belongs to the training step's backward pass only (design §9)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_remat_training_then_decoding_the_draft_works():
+    """The real presets train with remat=True and then decode the same draft (on-policy data, evaluation).
+    Before remat moved out of the model config, every such decode died with flax's TraceContextError."""
+    from distillspec_jax import generate as gen
+    from distillspec_jax import speculative
+    from distillspec_jax.sampling import Sampler
+
+    cfg = dataclasses.replace(LOOP_CFG, remat=True)
+    distiller = _distiller(cfg)
+    state = distiller.init_state()
+    source = h.SyntheticSource(LOOP_BATCH, LOOP_SEQ)(0, None)
+    state, metrics = distiller.step(state, distiller.global_batch(next(source)))
+    assert np.isfinite(float(metrics["loss"]))
+    draft = distiller.draft_model(state.params)
+    prompts = np.asarray(h.synthetic_batch(0, 2, 8)["tokens"])
+    lens = np.asarray([8, 5], np.int32)
+    out = gen.generate(draft, prompts, lens, 4, Sampler(temperature=1.0), jax.random.key(0))
+    assert out.tokens.shape == (2, 4)
+    spec_out = speculative.speculative_generate(h.make_target(), draft, prompts, lens, 4, 2, Sampler(temperature=0.0),
+                                                jax.random.key(0))
+    assert spec_out.tokens.shape[0] == 2
+

@@ -46,6 +46,8 @@ HUB_PATTERNS = ["*.safetensors", INDEX_FILE, CONFIG_FILE, *TOKENIZER_FILES]
 MAX_SHARD_BYTES = 5 * 1024**3
 # Buffers that some older checkpoints carry and that are recomputed, not learnt.
 IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
+# A field that qwen3_config.json held before remat became an argument of the training step only.
+LEGACY_CONFIG_FIELD_REMAT = "remat"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +209,6 @@ def load_hf(
     mesh: Mesh | None = None,
     *,
     param_dtype: str | None = None,
-    remat: bool = False,
 ) -> qwen3.Qwen3:
     """Loads a HF Qwen3 checkpoint (local folder or hub id) into the NNX model.
 
@@ -217,7 +218,7 @@ def load_hf(
     param_dtype = param_dtype or dtype
     qwen3.resolve_dtype(dtype), qwen3.resolve_dtype(param_dtype)  # bad names fail before any I/O
     folder = resolve_checkpoint(path_or_hub_id)
-    cfg = qwen3.from_hf_config(str(folder / CONFIG_FILE), dtype=dtype, param_dtype=param_dtype, remat=remat)
+    cfg = qwen3.from_hf_config(str(folder / CONFIG_FILE), dtype=dtype, param_dtype=param_dtype)
     located = _open_weights(folder)
     maps = tensor_maps(cfg)
     expected = {m.hf_name for m in maps}
@@ -343,8 +344,8 @@ def save_orbax(model: qwen3.Qwen3, directory: str | os.PathLike) -> epath.Path:
 def load_orbax(directory: str | os.PathLike, mesh: Mesh | None = None, **cfg_overrides) -> qwen3.Qwen3:
     """Restores a model saved by `save_orbax`, straight onto the mesh's shardings when one is given.
 
-    cfg_overrides may change numerics that do not alter shapes (dtype, remat); the stored
-    param_dtype is what the arrays are restored as unless overridden.
+    cfg_overrides may change numerics that do not alter shapes (dtype); the stored param_dtype is what
+    the arrays are restored as unless overridden.
     """
     import orbax.checkpoint as ocp
 
@@ -354,7 +355,10 @@ def load_orbax(directory: str | os.PathLike, mesh: Mesh | None = None, **cfg_ove
     if not (directory / ORBAX_CONFIG).exists():
         raise FileNotFoundError(f"{directory} holds no converted model ({ORBAX_CONFIG} missing); convert one first "
                                 "with `python -m distillspec_jax.models.convert --hf=... --out=...`")
-    cfg = qwen3.Qwen3Config(**{**json.loads((directory / ORBAX_CONFIG).read_text()), **cfg_overrides})
+    stored = json.loads((directory / ORBAX_CONFIG).read_text())
+    # Folders converted before rematerialisation moved to the training step carry a `remat` field.
+    stored.pop(LEGACY_CONFIG_FIELD_REMAT, None)
+    cfg = qwen3.Qwen3Config(**{**stored, **cfg_overrides})
     graphdef, state = nnx.split(qwen3.abstract_model(cfg))
     if mesh is None:
         mesh = shd.single_device_mesh()

@@ -56,7 +56,6 @@ class Qwen3Config:
     num_real_tokens: int | None = None  # ids >= this are vocabulary padding; None means all V are real
     param_dtype: str = "float32"  # storage dtype of the parameters: float32 | bfloat16
     dtype: str = "float32"  # compute dtype of activations and the KV cache: float32 | bfloat16
-    remat: bool = False  # recompute each layer in the backward pass (training memory)
 
     def __post_init__(self):
         resolve_dtype(self.param_dtype)
@@ -417,11 +416,11 @@ class Qwen3(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nnx.Param(_normal(rngs, (cfg.hidden_size, cfg.vocab_size), pdt), axes=("embed", "vocab"))
 
-    def _decoder(self, tokens_bt, positions_bt, cache: KVCache | None):
+    def _decoder(self, tokens_bt, positions_bt, cache: KVCache | None, remat: bool = False):
         dt = resolve_dtype(self.cfg.dtype)
         x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
         rope = rope_tables(positions_bt, self.cfg.head_dim, self.cfg.rope_theta)
-        run = _run_layer_remat if self.cfg.remat else _run_layer
+        run = _run_layer_remat if remat else _run_layer
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i], cache.lengths)
@@ -435,10 +434,15 @@ class Qwen3(nnx.Module):
         lengths = cache.lengths + tokens_bt.shape[1]
         return h_btd, KVCache(k=tuple(new_k), v=tuple(new_v), lengths=lengths)
 
-    def hidden_states(self, tokens_bt: jax.Array) -> jax.Array:
-        """Final-norm hidden states [B, T, D] of a causal pass from position 0 (right padding is safe)."""
+    def hidden_states(self, tokens_bt: jax.Array, *, remat: bool = False) -> jax.Array:
+        """Final-norm hidden states [B, T, D] of a causal pass from position 0 (right padding is safe).
+
+        remat=True recomputes each layer in the backward pass. Only the training step asks for it
+        (design §9): rematerialisation is a property of a backward pass, and a decode, a generation or
+        an evaluation has none, so the cached `step` never takes the flag.
+        """
         positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-        return self._decoder(tokens_bt, positions_bt, None)[0]
+        return self._decoder(tokens_bt, positions_bt, None, remat=remat)[0]
 
     def logits(self, h_btd: jax.Array) -> jax.Array:
         """LM head: [B, T, D] -> float32 [B, T, V], accumulated in float32 whatever the compute dtype."""
