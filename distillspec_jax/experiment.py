@@ -14,12 +14,14 @@ the config can get wrong is checked by `validate` before any model is loaded or 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import jax
@@ -509,8 +511,14 @@ def report(c: ConfigDict, workdir: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def run(c: ConfigDict, workdir: str) -> dict[str, Any] | None:
-    """Runs the configured stages in order; returns results.json's content (None if stopped early)."""
+def run(c: ConfigDict, workdir: str, observe: Callable[[str], AbstractContextManager] | None = None
+        ) -> dict[str, Any] | None:
+    """Runs the configured stages in order; returns results.json's content (None if stopped early).
+
+    observe(stage), when given, is a context manager entered around each stage that runs (benchmarks time
+    and measure stages with it: bench/rehearsal.py).
+    """
+    observe = observe or (lambda stage: contextlib.nullcontext())
     stages = validate(c)
     shd.maybe_initialize_distributed(c.distributed)
     mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
@@ -529,20 +537,29 @@ def run(c: ConfigDict, workdir: str) -> dict[str, Any] | None:
     print(f"[run] workdir {wd.path(workdir)}; stages {','.join(stages)}; already done: "
           f"{','.join(sorted(done & set(stages))) or 'none'}", flush=True)
     needs_models = any(s in todo for s in ("prepare", "data", "eval_before", "distill", "eval_after"))
-    models = prepare(c, workdir, mesh) if needs_models else None
+    models = None
+    if needs_models:
+        with observe("prepare"):
+            models = prepare(c, workdir, mesh)
     if "data" in todo:
-        build_data(c, workdir, models, mesh)
+        with observe("data"):
+            build_data(c, workdir, models, mesh)
         shd.barrier("distillspec:data")  # every host reads what process 0 wrote
     if "eval_before" in todo:
-        wd.write_json(wd.path(workdir, STAGE_FILES["eval_before"]),
-                      evaluate(c, workdir, models, models.draft, mesh, "eval_before"))
+        with observe("eval_before"):
+            wd.write_json(wd.path(workdir, STAGE_FILES["eval_before"]),
+                          evaluate(c, workdir, models, models.draft, mesh, "eval_before"))
     if "distill" in todo:
-        if not distill(c, workdir, models, mesh):
+        with observe("distill"):
+            finished = distill(c, workdir, models, mesh)
+        if not finished:
             print("[run] stopped on request after saving a checkpoint; rerun the same command to resume", flush=True)
             return None
     if "eval_after" in todo:
-        wd.write_json(wd.path(workdir, STAGE_FILES["eval_after"]),
-                      evaluate(c, workdir, models, distilled_draft(c, workdir, mesh), mesh, "eval_after"))
+        with observe("eval_after"):
+            wd.write_json(wd.path(workdir, STAGE_FILES["eval_after"]),
+                          evaluate(c, workdir, models, distilled_draft(c, workdir, mesh), mesh, "eval_after"))
     if "report" in todo:
-        return report(c, workdir)
+        with observe("report"):
+            return report(c, workdir)
     return None

@@ -30,6 +30,7 @@ LOGICAL_RULES: dict[str, str | None] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "norm": None,
+    "layers": None,  # the stacked layer dimension: the scan over layers walks it on every device
 }
 
 

@@ -111,9 +111,16 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
         decay_steps=cfg.total_steps, end_value=cfg.learning_rate * cfg.end_lr_fraction)
 
 
+def is_matrix(shape: tuple[int, ...], path: tuple) -> bool:
+    """Whether a parameter is a matrix (an embedding or a projection) rather than a norm's scale vector;
+    parameters under `layers` carry the stacked layer dimension in front."""
+    stacked = any(getattr(k, "key", k) == qwen3.LAYERS_AXIS for k in path)
+    return len(shape) - stacked >= 2
+
+
 def _decay_mask(params: Params) -> Params:
     # Decay matrices (embeddings, projections); norm weights are scales around 1 and are not decayed.
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
+    return jax.tree_util.tree_map_with_path(lambda path, x: is_matrix(x.shape, path), params)
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
