@@ -350,11 +350,16 @@ def evaluate(c: ConfigDict, workdir: str, models: Models, draft: qwen3.Qwen3, me
     samplers = eval_samplers(c)
     progress = Progress(stage, len(samplers) * len(c.eval.gammas), unit="γ")
     rows = []
+    gammas = [int(g) for g in c.eval.gammas]
+    measure_time = c.eval.timing_repeats > 0
+    # Step costs (c, verify) do not depend on the sampler: measured once for every temperature.
+    costs = ev.step_costs(models.target, draft, batches, gammas, c.eval.max_new_tokens,
+                          c.eval.timing_repeats) if measure_time else None
     for i, sampler in enumerate(samplers):
         rng = jax.random.fold_in(jax.random.key(c.seed), 100 + i)
-        sweep = ev.gamma_sweep(models.target, draft, batches, [int(g) for g in c.eval.gammas], c.eval.max_new_tokens,
+        sweep = ev.gamma_sweep(models.target, draft, batches, gammas, c.eval.max_new_tokens,
                                sampler, rng, eos_ids=models.eos_ids, runs=c.eval.timing_repeats,
-                               measure_time=c.eval.timing_repeats > 0, analytic=c.eval.analytic,
+                               measure_time=measure_time, analytic=c.eval.analytic, costs=costs,
                                on_gamma=lambda g, t=sampler.temperature: progress.update(note=f"T={t} γ={g}"))
         rows += sweep
     progress.done()
