@@ -182,6 +182,25 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def all_processes_agree(flag: bool) -> bool:
+    """True when `flag` is True on every process (every process must call it); `flag` on one process."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray([bool(flag)]))))
+
+
+def from_process_0(flag: bool) -> bool:
+    """Process 0's `flag` on every process (every process must call it): one decision for all hosts,
+    e.g. from files that each host sees with its own timestamps."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(flag))))
+
+
 def place(tree, shardings):
     """Puts a pytree of arrays onto matching shardings (possibly spanning several hosts).
 
