@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     workdir = out / f"run-{int(time.time())}"
     c = rehearsal_config(folders, args)
     meter = StageMeter()
-    experiment.run(c, str(workdir), observe=meter)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the one JSON object; progress goes to stderr
+        experiment.run(c, str(workdir), observe=meter)
 
     draft_cfg = qwen3.preset(DRAFT, param_dtype=c.draft.param_dtype, dtype=c.draft.dtype)
     target_cfg = qwen3.preset(TARGET, param_dtype=c.target.param_dtype, dtype=c.target.dtype)
