@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both; fsdp also splits weights
@@ -34,9 +34,8 @@ LOGICAL_RULES: dict[str, str | None] = {
 }
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh over all devices (of all hosts); one size may be -1 (the rest)."""
-    devices = list(jax.devices() if devices is None else devices)
+def mesh_sizes(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+    """The (data, fsdp, tensor) sizes over `num_devices` devices; one size may be -1 (the rest)."""
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1 (the rest), got data={data} fsdp={fsdp} tensor={tensor}")
@@ -44,18 +43,31 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
         raise ValueError(f"mesh sizes must be positive or -1, got data={data} fsdp={fsdp} tensor={tensor}")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
-        if len(devices) % known:
+        if num_devices % known:
             raise ValueError(
-                f"mesh sizes {dict(zip(MESH_AXES, sizes))} cannot fill {len(devices)} devices: "
-                f"{len(devices)} is not a multiple of {known}"
+                f"mesh sizes {dict(zip(MESH_AXES, sizes))} cannot fill {num_devices} devices: "
+                f"{num_devices} is not a multiple of {known}"
             )
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
+        sizes[sizes.index(-1)] = num_devices // known
+    if int(np.prod(sizes)) != num_devices:
         raise ValueError(
             f"mesh sizes data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {int(np.prod(sizes))} "
-            f"do not multiply to the device count {len(devices)}; set one of them to -1 to take the rest"
+            f"do not multiply to the device count {num_devices}; set one of them to -1 to take the rest"
         )
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    return sizes[0], sizes[1], sizes[2]
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over all devices (of all hosts); one size may be -1 (the rest)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_sizes(data, fsdp, tensor, len(devices))
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def abstract_mesh(data: int, fsdp: int, tensor: int, num_devices: int) -> AbstractMesh:
+    """The mesh's shape without devices: enough for shardings and per-device sizes (memory estimates)."""
+    return AbstractMesh(mesh_sizes(data, fsdp, tensor, num_devices), MESH_AXES,
+                        axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def single_device_mesh() -> Mesh:
@@ -90,6 +102,13 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
         return NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh, name))
 
     return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def abstract_params(state: nnx.State, mesh: Mesh) -> dict:
+    """ShapeDtypeStructs of a model's parameters (`nnx.to_pure_dict` layout), each carrying its NamedSharding
+    on `mesh`: what a checkpoint restore targets, and what an ahead-of-time compile takes instead of weights."""
+    return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                        nnx.to_pure_dict(state), nnx.to_pure_dict(state_shardings(state, mesh)))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
@@ -207,10 +226,13 @@ def place(tree, shardings):
     Every host must hold the same values (e.g. the same seed): each device receives its slice of the
     host copy. Arrays already carrying exactly these shardings are kept as they are; an equivalent but
     differently named sharding (a SingleDeviceSharding for a 1-device NamedSharding) is replaced, since
-    jit caches on the sharding and would compile a step twice.
+    jit caches on the sharding and would compile a step twice. An abstract array (a ShapeDtypeStruct, as in
+    an ahead-of-time compile) becomes the same abstract array carrying the sharding.
     """
 
     def one(x, sharding):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
         if isinstance(x, jax.Array) and x.sharding == sharding:
             return x
         if sharding.is_fully_addressable:

@@ -48,3 +48,25 @@ split_option_values() {
   done
 }
 need_value() { [[ $# -ge 2 && -n $2 && $2 != --* ]] || die "$1 needs a value (see --help)"; }
+# The pre-flight before a paid run (python -m distillspec_jax.aot, from the repository root): checks that
+# the config fits the chips' memory and stops the launch when it does not (its exit status 3), or when it
+# could not check (any other failure). Use:
+#   run_preflight PYTHON CONFIG AOT_FLAG... -- MAIN_ARG...
+# Only the --config.FIELD=VALUE words of MAIN_ARG reach it (the run's other main.py arguments are not its).
+run_preflight() {
+  local python=$1 config=$2 cmd=() arg status=0
+  shift 2
+  cmd=("$python" -m distillspec_jax.aot "--config=$config")
+  while (($#)) && [[ $1 != -- ]]; do cmd+=("$1"); shift; done
+  (($# == 0)) || shift
+  for arg in "$@"; do
+    if [[ $arg == --config.* ]]; then cmd+=("$arg"); fi
+  done
+  if ((DRY_RUN)); then printf '# pre-flight (--skip-preflight skips it):\n'; fi
+  run "${cmd[@]}" || status=$?
+  case $status in
+    0) ;;
+    3) die "the pre-flight refused the run: it does not fit the chips' memory (the line above names a mesh that fits; pass it as --config.mesh.*=..., or --skip-preflight to run anyway)" ;;
+    *) die "the pre-flight could not check the run (exit $status; see its message above); fix it, or pass --skip-preflight" ;;
+  esac
+}

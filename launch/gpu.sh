@@ -8,8 +8,9 @@ usage() {
   cat <<EOF
 Usage: $PROG --config FILE[:PRESET] --workdir DIR [options] [--config.FIELD=VALUE ...] [-- MAIN_ARGS ...]
 
-Creates (or reuses) a virtual environment with jax[cuda13] and the requirements, then runs main.py
-on this node's GPUs.
+Creates (or reuses) a virtual environment with jax[cuda13] and the requirements, checks that the run
+fits this node's GPUs (the pre-flight: python -m distillspec_jax.aot --topology=local --estimate_only,
+seconds, before any download), then runs main.py on this node's GPUs.
 
 Options:
   --config FILE[:PRESET]  experiment config, relative to the repository root, e.g. configs/jsd.py
@@ -20,6 +21,9 @@ Options:
   --python PYTHON         interpreter that creates the venv (default: python3; needs 3.11+)
   --reinstall             (re)install jax[cuda13] and the requirements into an existing venv
   --setup-only            create/install the venv and stop (e.g. once, before SLURM jobs)
+  --skip-preflight        do not run the pre-flight
+  --preflight-compile     pre-flight by compiling every program for these GPUs (no weights; minutes at
+                          real shapes) instead of the estimate from shapes
   --mem-fraction F        XLA_PYTHON_CLIENT_MEM_FRACTION, the share of GPU memory JAX preallocates
                           (default: 0.90; an XLA_PYTHON_CLIENT_MEM_FRACTION already set wins)
   --dry-run               print every command (one per line, prefixed '[dry-run] ') and run nothing
@@ -45,6 +49,7 @@ python=python3
 reinstall=0
 setup_only=0
 mem_fraction=0.90
+skip_preflight=0 preflight_compile=0
 main_args=()
 
 split_option_values "$@"
@@ -60,6 +65,8 @@ while (($#)); do
     --mem-fraction) need_value "$@"; mem_fraction=$2; shift 2 ;;
     --reinstall) reinstall=1; shift ;;
     --setup-only) setup_only=1; shift ;;
+    --skip-preflight) skip_preflight=1; shift ;;
+    --preflight-compile) preflight_compile=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage; exit 0 ;;
     --) shift; main_args+=("$@"); break ;;
@@ -122,6 +129,11 @@ fi
 setenv XLA_FLAGS "$xla_flags"
 
 run cd "$REPO"
+if ((!skip_preflight)); then
+  preflight_flags=(--topology=local)
+  ((preflight_compile)) || preflight_flags+=(--estimate_only)
+  run_preflight "$venv/bin/python" "$config" "${preflight_flags[@]}" -- "${main_args[@]}"
+fi
 # One process: distributed=off, so a surrounding SLURM allocation is not mistaken for a multi-process
 # job. Overrides given on the command line come later and win.
 run "$venv/bin/python" main.py "--config=$config" "--workdir=$workdir" --config.distributed=off "${main_args[@]}"

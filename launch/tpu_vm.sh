@@ -13,9 +13,12 @@ usage() {
 Usage: $PROG --name NAME --zone ZONE --config FILE[:PRESET] --workdir gs://BUCKET/DIR [options]
              [--config.FIELD=VALUE ...] [-- MAIN_ARGS ...]
 
-Steps: (1) create the TPU VM slice, or reuse it when it exists; (2) copy this checkout (or clone
---repo) to every worker; (3) install Python $PYTHON_VERSION, jax[tpu] and requirements.txt in a venv on
-every worker; (4) run main.py on all workers at once; (5) with --delete, delete the slice.
+Steps: (0) the pre-flight, here, before anything is rented: compile every program of the run for
+--accelerator-type on this machine's CPU and refuse a config that does not fit (needs requirements.txt
+and requirements-tpu.txt installed for --preflight-python); (1) create the TPU VM slice, or reuse it when
+it exists; (2) copy this checkout (or clone --repo) to every worker; (3) install Python $PYTHON_VERSION,
+jax[tpu] and requirements.txt in a venv on every worker; (4) run main.py on all workers at once; (5) with
+--delete, delete the slice.
 
 Slice:
   --name NAME                TPU VM name (required)
@@ -34,6 +37,10 @@ Code and environment:
                              TPU VM images ship an older python3)
   --skip-setup               reuse the code and venv already on the workers
   --setup-only               create, copy and install, but do not run
+
+Pre-flight:
+  --preflight-python PYTHON  interpreter that runs it here (default: python3)
+  --skip-preflight           do not run it (it needs --accelerator-type, and is skipped without one)
 
 Run:
   --config FILE[:PRESET]     experiment config, relative to the repository root (required)
@@ -75,6 +82,7 @@ name="" zone="" project="" accelerator="" runtime="" spot=0 delete=0
 repo_url="" ref="" skip_setup=0 setup_only=0 detach=0
 config="" workdir="" tag="" max_reruns=3
 python_version=$PYTHON_VERSION
+preflight_python=python3 skip_preflight=0
 main_args=()
 
 split_option_values "$@"
@@ -92,6 +100,8 @@ while (($#)); do
     --ref) need_value "$@"; ref=$2; shift 2 ;;
     --python-version) need_value "$@"; python_version=$2; shift 2 ;;
     --skip-setup) skip_setup=1; shift ;;
+    --preflight-python) need_value "$@"; preflight_python=$2; shift 2 ;;
+    --skip-preflight) skip_preflight=1; shift ;;
     --setup-only) setup_only=1; shift ;;
     --config) need_value "$@"; config=$2; shift 2 ;;
     --config.*) main_args+=("$1"); shift ;;
@@ -275,6 +285,15 @@ ship_code() {
   on_workers "rm -rf $CODE_DIR && mkdir -p $CODE_DIR && tar -xzf distillspec-code.tgz -C $CODE_DIR && rm -f distillspec-code.tgz"
 }
 
+# The pre-flight, before the slice is created or the run started: the accelerator type names the topology.
+if ((!setup_only && !skip_preflight)); then
+  if [[ -n $accelerator ]]; then
+    run cd "$REPO"
+    run_preflight "$preflight_python" "$config" "--topology=$accelerator" -- "${main_args[@]}"
+  else
+    printf '%s: warning: no --accelerator-type, so no pre-flight (it compiles for that slice type); pass it to check that the run fits\n' "$PROG" >&2
+  fi
+fi
 setup_workers() {
   ship_code
   on_workers "bash $CODE_DIR/launch/tpu_vm.sh --worker-setup --python-version=$(quote "$python_version")"

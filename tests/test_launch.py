@@ -2,7 +2,9 @@
 none of them; run for real against recording stubs (gcloud, srun, scontrol, a venv's python), each
 calls main.py with the config, workdir and overrides it was given, in the environment the platform
 needs; the SLURM script derives jax.distributed's coordinator, process count and process id from a
-SLURM environment; missing arguments fail with a message that names the fix."""
+SLURM environment; the scripts that start a paid run (tpu_vm.sh, gpu.sh, slurm.sbatch) run the pre-flight
+(python -m distillspec_jax.aot) first, show it under --dry-run, stop when it refuses, and skip it with
+--skip-preflight; missing arguments fail with a message that names the fix."""
 
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ RECORDED = ["gcloud", "srun", "sbatch", "scontrol", "python", "python3", "pip", 
 # A recording stand-in for an external command: appends {cmd, argv, cwd, env} as one JSON line to
 # $STUB_LOG. gcloud's `describe` prints $STUB_TPU_STATE (or fails as for a missing TPU VM), its `scp`
 # keeps a copy of what it would upload, scontrol prints $STUB_HOSTNAMES, and any command whose
-# arguments contain $STUB_FAIL_MATCH exits with status $STUB_FAIL_CODE (default 3), the first
-# $STUB_FAIL_TIMES times (default: every time).
+# arguments contain $STUB_FAIL_MATCH exits with status $STUB_FAIL_CODE (or $STUB_FAIL_STATUS; default 3), the
+# first $STUB_FAIL_TIMES times (default: every time).
 STUB = """#!{python}
 import json, os, shutil, sys
 name, argv = os.path.basename(sys.argv[0]), sys.argv[1:]
@@ -51,7 +53,7 @@ if os.environ.get("STUB_FAIL_MATCH") and os.environ["STUB_FAIL_MATCH"] in " ".jo
     failed = int(open(counter).read()) if os.path.exists(counter) else 0
     if failed < int(os.environ.get("STUB_FAIL_TIMES", "1000000")):
         open(counter, "w").write(str(failed + 1))
-        sys.exit(int(os.environ.get("STUB_FAIL_CODE", "3")))
+        sys.exit(int(os.environ.get("STUB_FAIL_CODE", os.environ.get("STUB_FAIL_STATUS", "3"))))
 """
 
 
@@ -189,6 +191,11 @@ def test_dry_run_prints_commands_and_runs_none(launch, script):
     assert main, out
     assert any("--config=configs/jsd.py" in m and "--config.distill.steps=7" in m and "--extra='a b'" in m
                for m in main), main
+    if script != "local.sh":  # a paid run: the pre-flight is shown, with the --config overrides only
+        preflight = _one(commands, "-m distillspec_jax.aot --config=configs/jsd.py")
+        assert "--config.distill.steps=7" in preflight and "--extra" not in preflight
+        assert commands.index(preflight) < next(i for i, c in enumerate(commands) if "main.py" in c or "srun" in c
+                                                or "tpu-vm ssh" in c)
 
 
 # ---- local.sh --------------------------------------------------------------------------------------
@@ -243,7 +250,11 @@ def test_gpu_runs_main_py_in_an_existing_cuda_venv(launch):
     venv = launch.fake_venv(cuda_plugin=True)
     _ok(launch("gpu.sh", "--config", "configs/rkl.py", "--workdir", "/runs/rkl", "--venv", str(venv), "--gpus", "2",
                "--config.mesh.fsdp=2", CUDA_VISIBLE_DEVICES="4,5,6", XLA_FLAGS="--xla_dump_to=/tmp/d"))
-    [call] = launch.calls("python")  # no pip install: the venv already has the CUDA plugin
+    preflight, call = launch.calls("python")  # no pip install: the venv already has the CUDA plugin
+    # The pre-flight first, on the same GPUs, with the run's config and its --config overrides.
+    assert preflight["argv"] == ["-m", "distillspec_jax.aot", "--config=configs/rkl.py", "--topology=local",
+                                 "--estimate_only", "--config.mesh.fsdp=2"]
+    assert preflight["env"]["CUDA_VISIBLE_DEVICES"] == "4,5" and preflight["env"]["JAX_PLATFORMS"] == "cuda"
     assert call["argv"] == ["main.py", "--config=configs/rkl.py", "--workdir=/runs/rkl", "--config.distributed=off",
                             "--config.mesh.fsdp=2"]
     assert call["env"]["CUDA_VISIBLE_DEVICES"] == "4,5"  # the first two of the GPUs this shell was given
@@ -313,7 +324,7 @@ def test_tpu_reuses_a_ready_slice_and_ships_this_checkout(launch):
 
 
 def test_tpu_creates_a_missing_slice_and_deletes_it_even_when_the_run_fails(launch):
-    launch.stub("gcloud")
+    launch.stub("gcloud", "python3")
     result = launch("tpu_vm.sh", "--name", "ds", "--zone", "z1", "--accelerator-type", "v5litepod-16",
                     "--config", "configs/jsd.py", "--workdir", "gs://b/r", "--skip-setup", "--delete",
                     STUB_FAIL_MATCH="--worker-run")
@@ -321,6 +332,27 @@ def test_tpu_creates_a_missing_slice_and_deletes_it_even_when_the_run_fails(laun
     calls = [c["argv"] for c in launch.calls("gcloud")]
     assert [argv[3] for argv in calls] == ["describe", "create", "ssh", "delete"], calls
     assert "--accelerator-type=v5litepod-16" in calls[1] and "--version=v2-alpha-tpuv5-lite" in calls[1]
+    [preflight] = launch.calls("python3")  # here, before the slice was created, for its accelerator type
+    assert preflight["argv"] == ["-m", "distillspec_jax.aot", "--config=configs/jsd.py", "--topology=v5litepod-16"]
+    assert preflight["cwd"] == str(REPO)
+
+
+# The pre-flight's verdicts as exit statuses: 3 does not fit (python -m distillspec_jax.aot), 1 could not check.
+@pytest.mark.parametrize("status,message", [("3", "does not fit"), ("1", "could not check")])
+def test_tpu_preflight_refusal_stops_before_anything_is_rented(launch, status, message):
+    launch.stub("gcloud", "python3")
+    result = launch("tpu_vm.sh", "--name", "ds", "--zone", "z1", "--accelerator-type", "v5litepod-16",
+                    "--config", "configs/jsd.py", "--workdir", "gs://b/r", STUB_FAIL_MATCH="distillspec_jax.aot",
+                    STUB_FAIL_STATUS=status)
+    assert result.returncode == 2 and message in result.stderr and "--skip-preflight" in result.stderr
+    assert launch.calls("gcloud") == []  # no describe, no create, no run
+
+
+def test_tpu_skip_preflight_runs_no_preflight(launch):
+    launch.stub("gcloud", "python3")
+    _ok(launch("tpu_vm.sh", "--name", "ds", "--zone", "z1", "--accelerator-type", "v5p-8", "--config",
+               "configs/jsd.py", "--workdir", "gs://b/r", "--skip-setup", "--skip-preflight", STUB_TPU_STATE="READY"))
+    assert launch.calls("python3") == []
 
 
 def test_tpu_missing_slice_without_accelerator_type_says_how_to_create_it(launch):
@@ -384,7 +416,11 @@ def test_slurm_batch_step_starts_one_task_per_node_with_srun(launch):
     assert argv[-2:] == ["--", "--config.mesh.fsdp=16"]
     assert call["env"]["JAX_COORDINATOR_ADDRESS"] == "gpu01:16242" and call["env"]["JAX_NUM_PROCESSES"] == "2"
     assert "--xla_gpu_enable_latency_hiding_scheduler=true" in call["env"]["XLA_FLAGS"]
-    assert launch.calls("python") == []  # the batch step itself never runs main.py
+    # The batch step itself never runs main.py; it runs the pre-flight, for the job's 2 nodes, before srun.
+    [preflight] = launch.calls("python")
+    assert preflight["argv"] == ["-m", "distillspec_jax.aot", "--config=configs/jsd.py", "--topology=local",
+                                 "--estimate_only", "--hosts=2", "--config.mesh.fsdp=16"]
+    assert preflight["cwd"] == str(REPO)
 
 
 def test_slurm_batch_dry_run_shows_srun_and_main_py(launch):

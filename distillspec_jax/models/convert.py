@@ -388,9 +388,7 @@ def load_orbax(directory: str | os.PathLike, mesh: Mesh | None = None, **cfg_ove
     graphdef, state = nnx.split(qwen3.abstract_model(cfg))
     if mesh is None:
         mesh = shd.single_device_mesh()
-    shardings = shd.state_shardings(state, mesh)
-    target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                          nnx.to_pure_dict(state), nnx.to_pure_dict(shardings))
+    target = shd.abstract_params(state, mesh)
     with ocp.StandardCheckpointer() as ckptr:
         stored_layers = ckptr.metadata(directory / ORBAX_PARAMS).item_metadata["layers"]
         if _unstacked(stored_layers):

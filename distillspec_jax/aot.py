@@ -1,0 +1,862 @@
+"""Pre-flight without the hardware (design §9): will this run fit the chips it is about to rent?
+
+    JAX_PLATFORMS=cpu python -m distillspec_jax.aot --config=configs/jsd.py --topology=v5p-8
+    JAX_PLATFORMS=cpu python -m distillspec_jax.aot --config=configs/jsd.py:0.6b-4b --topology=v5e-16 \\
+        --config.mesh.data=1 --config.mesh.fsdp=-1
+
+Two checks, both from the config alone: no weights, no network, no accelerator.
+
+  `check_fits` (cheap, no compile; for `experiment.run` before any download or conversion): the bytes per
+      chip of what a run keeps resident (target, draft, optimizer state, AdaSPEC's reference, the step's
+      gradients), from the parameters' shapes, dtypes and shardings on the config's mesh. A lower bound:
+      activations, KV caches and logits come on top. Refuses a config that cannot fit, naming a mesh that can.
+  `preflight` (the CLI): builds the config's real mesh over the devices of a TPU topology (libtpu compiles
+      for them on a CPU host) and compiles, ahead of time, every program the run executes at its real
+      shapes: the distillation step (and AdaSPEC's reference step), the optimizer's initialisation, target
+      and on-policy draft generation, and per evaluation temperature the analytic-acceptance generation and
+      pass, target-only decoding, the speculative loop at every γ, and the step-cost timing programs. Per
+      program and per chip: compile seconds, XLA's argument / temporary / output / generated-code bytes, the
+      bytes of the run's other live buffers, their total against the chip's HBM, FLOPs, bytes accessed and
+      the compiler's estimated seconds. A run that does not fit exits non-zero with a mesh that fits.
+
+Estimates are labelled as such. XLA's cost analysis counts the body of every loop once (measured: a
+fori_loop of 1, 4 or 16 matmuls reports the FLOPs of one), and the model scans over its layers, so the
+compiler's FLOPs and seconds are per loop iteration, not per program. Step and block times are therefore
+also given as an analytic roofline (`roofline`): FLOPs over the chips' peak and bytes over HBM bandwidth,
+from vendor peak figures, at 100% utilisation: lower bounds on time, to be replaced by measurements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from distillspec_jax import evaluate as ev
+from distillspec_jax import generate as gen
+from distillspec_jax import sharding as shd
+from distillspec_jax import speculative as spec
+from distillspec_jax import train
+from distillspec_jax.data import pipeline
+from distillspec_jax.models import qwen3
+from distillspec_jax.sampling import Sampler
+
+GiB = 2**30
+HEADROOM = 0.10  # fraction of each chip's HBM left to the runtime (its own buffers, fragmentation)
+TPU_INSTALL = 'pip install -r requirements-tpu.txt   (or: pip install "jax[tpu]=={jax}")'
+TINY = "tiny"  # model source of the embedded offline preset (experiment.TINY)
+
+
+# ----------------------------------------------------------------------------------------------
+# Chips and topologies
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One accelerator chip: the memory the verdict budgets against, and the vendor peaks of the roofline."""
+
+    name: str  # short name: v5p, H100
+    hbm_bytes: int  # memory per chip (design §9)
+    peak_flops: float  # dense bfloat16 FLOP/s per chip, vendor figure
+    hbm_bytes_per_s: float  # HBM bandwidth per chip, vendor figure
+
+
+# Keyed by jax's Device.device_kind (GPUs by the prefix of theirs, e.g. 'NVIDIA H100 80GB HBM3').
+CHIPS: dict[str, Chip] = {
+    "TPU v4": Chip("v4", 32 * GiB, 275e12, 1.23e12),
+    "TPU v5 lite": Chip("v5e", 16 * GiB, 197e12, 0.82e12),
+    "TPU v5": Chip("v5p", 95 * GiB, 459e12, 2.77e12),
+    "TPU v6 lite": Chip("v6e", 32 * GiB, 918e12, 1.64e12),
+    "NVIDIA H100": Chip("H100", 80 * 10**9, 989e12, 3.35e12),
+    "NVIDIA H200": Chip("H200", 141 * 10**9, 989e12, 4.8e12),
+}
+
+
+def chip(device_kind: str) -> Chip:
+    """The Chip of a jax device kind ('TPU v5 lite', 'NVIDIA H100 80GB HBM3') or of a short name ('v5e', 'H100')."""
+    for kind, c in CHIPS.items():
+        if device_kind == kind or device_kind == c.name or (kind.startswith("NVIDIA") and device_kind.startswith(kind)):
+            return c
+    raise ValueError(f"no HBM figure for device kind {device_kind!r}; known: {sorted(CHIPS)} "
+                     f"(or short names {[c.name for c in CHIPS.values()]})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A TPU slice as libtpu describes it for ahead-of-time compilation."""
+
+    name: str  # what the user typed: a slice name (v5p-8) or a raw topology (v5p:2x2x1)
+    topology_name: str  # libtpu's: <generation>:<chips per dimension>
+    chips_per_host_bounds: tuple[int, int, int] | None = None  # chips of one host; None: libtpu's default (2x2x1)
+    chip_config_name: str | None = None  # 'megacore': one jax device per chip with both TensorCores (v4, v5p)
+
+
+# v4 and v5p slice names count TensorCores (2 per chip) and their chips form a 3-D torus; v5e and v6e
+# names count chips on a 2-D grid, up to 8 on one host (v5e-8, v6e-8), else hosts of 2x2 chips.
+_CUBES = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8"}
+_GRIDS = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+_ONE_HOST = {1: (1, 1, 1), 4: (2, 2, 1), 8: (2, 4, 1)}
+
+
+def _slices() -> dict[str, Topology]:
+    out = {}
+    for generation in ("v4", "v5p"):
+        for chips, shape in _CUBES.items():
+            name = f"{generation}-{2 * chips}"
+            out[name] = Topology(name, f"{generation}:{shape}", None, "megacore")
+    for generation in ("v5e", "v6e"):
+        for chips, shape in _GRIDS.items():
+            name = f"{generation}-{chips}"
+            out[name] = Topology(name, f"{generation}:{shape}", _ONE_HOST.get(chips, (2, 2, 1)))
+    return out
+
+
+TOPOLOGIES: dict[str, Topology] = _slices()
+_ALIASES = {"v5litepod-": "v5e-", "v6litepod-": "v6e-"}  # Cloud's accelerator-type spellings
+
+
+def topology(name: str) -> Topology:
+    """A slice name (v4-8, v5e-16, v5p-8, v6e-8, v5litepod-16, ...) or a raw libtpu topology (v5e:2x2)."""
+    name = name.strip()
+    for alias, canonical in _ALIASES.items():
+        if name.startswith(alias):
+            name = canonical + name[len(alias):]
+    if name in TOPOLOGIES:
+        return TOPOLOGIES[name]
+    if ":" in name:
+        generation = name.split(":")[0]
+        return Topology(name, name, None, "megacore" if generation in ("v4", "v5p") else None)
+    raise ValueError(f"unknown TPU topology {name!r}; known slice names: {', '.join(TOPOLOGIES)}; "
+                     "or pass a raw libtpu topology such as v5e:2x2 or v5p:2x2x1")
+
+
+def libtpu_requirement() -> str:
+    """The libtpu version specifier that the installed jax pins for its [tpu] extra (e.g. '==0.0.42.*')."""
+    from packaging.requirements import Requirement
+
+    for line in importlib.metadata.requires("jax") or ():
+        req = Requirement(line)
+        if req.name == "libtpu" and req.marker is not None and req.marker.evaluate({"extra": "tpu"}):
+            return str(req.specifier)
+    raise RuntimeError(f"jax {jax.__version__}'s metadata names no libtpu for its [tpu] extra")
+
+
+def check_libtpu() -> str:
+    """The installed libtpu version; raises with the install command when it is missing or not jax's pin."""
+    from packaging.specifiers import SpecifierSet
+
+    install = TPU_INSTALL.format(jax=jax.__version__)
+    required = libtpu_requirement()
+    try:
+        installed = importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(f"libtpu is not installed: compiling for a TPU topology needs libtpu{required} "
+                           f"(the pin of jax {jax.__version__}). Install it with: {install}") from None
+    if installed not in SpecifierSet(required):
+        raise RuntimeError(f"libtpu {installed} is installed, but jax {jax.__version__} pins libtpu{required}; "
+                           f"a mismatched libtpu compiles for the wrong runtime. Install the pin with: {install}")
+    return installed
+
+
+def topology_devices(name: str) -> list[jax.Device]:
+    """The devices of a TPU topology, to compile for on this host (which needs no TPU, only libtpu)."""
+    topo = topology(name)
+    check_libtpu()
+    # libtpu takes a host-wide lock file unless told otherwise; compiling needs no chip, so a pre-flight can run
+    # beside another one (or beside a run on this host's own TPU).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    kwargs = {k: v for k, v in (("chips_per_host_bounds", topo.chips_per_host_bounds),
+                                ("chip_config_name", topo.chip_config_name)) if v is not None}
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topo.topology_name, **kwargs).devices)
+    except Exception as e:  # libtpu's own message (an invalid name, a generation it does not know)
+        raise ValueError(f"libtpu refused topology {topo.topology_name!r} ({name}): {e}. Known slice names: "
+                         f"{', '.join(TOPOLOGIES)}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# What a config runs: model shapes and program shapes
+# ----------------------------------------------------------------------------------------------
+
+
+def model_config(c: ConfigDict, which: str) -> qwen3.Qwen3Config:
+    """The Qwen3Config that `experiment.prepare` would load for config.<which>, from shapes known offline: the
+    published preset of a hub id, a local checkpoint's config.json, or the :tiny build's fields."""
+    m = c[which]
+    if m.model == TINY:
+        from distillspec_jax import tiny
+
+        # The tiny tokenizer is trained to exactly tiny.vocab_size ids, the models' vocabulary.
+        cfg = tiny.model_config(c.tiny.to_dict(), which, c.tiny.vocab_size)
+    elif os.path.isdir(m.model):
+        cfg = qwen3.from_hf_config(os.path.join(m.model, "config.json"))
+    else:
+        try:
+            cfg = qwen3.preset(m.model)
+        except ValueError as e:
+            raise ValueError(f"config.{which}.model={m.model!r}: no shape is known offline ({e}); point it at a "
+                             "local checkpoint folder to pre-flight it") from None
+    return cfg.replace(dtype=m.dtype, param_dtype=m.param_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunShapes:
+    """The static shapes of a run's programs, from the config alone."""
+
+    train_batch: int  # B: global sequences per optimizer step
+    train_len: int  # L: positions of a training sequence, prompt + response budget (upper bound)
+    prompt_len: int  # T: padded prompt length of generation and evaluation (upper bound: max_prompt_len padded)
+    generate_tokens: int  # N: new tokens of a generated training response
+    eval_batch: int  # rows decoded together at evaluation
+    eval_tokens: int  # new tokens per evaluation prompt
+
+
+def run_shapes(c: ConfigDict) -> RunShapes:
+    """Upper bounds of the data's shapes: a prompt is at most data.max_prompt_len tokens, padded to pad_multiple
+    (the data's longest prompt may pad to less); a response is the generator's budget, or a fixed response of
+    up to data.max_response_len when the generator trains on the dataset's (see generators.make_source)."""
+    prompt_len = pipeline.round_up(c.data.max_prompt_len, c.data.pad_multiple)
+    response = c.generator.max_new_tokens
+    if c.generator.kind != "target":
+        response = max(response, c.data.max_response_len)
+    return RunShapes(train_batch=c.distill.batch_size, train_len=prompt_len + response, prompt_len=prompt_len,
+                     generate_tokens=c.generator.max_new_tokens, eval_batch=c.eval.batch_size,
+                     eval_tokens=c.eval.max_new_tokens)
+
+
+def sharded_abstract_model(cfg: qwen3.Qwen3Config, mesh) -> qwen3.Qwen3:
+    """The model with ShapeDtypeStruct parameters carrying their shardings on `mesh`: no weights anywhere."""
+    graphdef, state = nnx.split(_abstract_model(cfg))
+    nnx.replace_by_pure_dict(state, shd.abstract_params(state, mesh))
+    return nnx.merge(graphdef, state)
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_model(cfg: qwen3.Qwen3Config) -> qwen3.Qwen3:
+    return qwen3.abstract_model(cfg)  # seconds for the large presets; shared by every mesh tried
+
+
+def _abstract(shape: Sequence[int], dtype, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+
+def per_chip_bytes(tree) -> int:
+    """Bytes that one device holds of a pytree of sharded abstract arrays (the largest shard of each)."""
+    return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(tree)))
+
+
+@dataclasses.dataclass
+class Run:
+    """The abstract pieces of one run on one mesh: models, distillers, and the buffers it keeps resident."""
+
+    c: ConfigDict
+    mesh: Any  # jax Mesh over a topology's devices, or an AbstractMesh (estimates only)
+    shapes: RunShapes
+    target: qwen3.Qwen3
+    draft: qwen3.Qwen3
+    distiller: train.Distiller
+    reference_distiller: train.Distiller | None  # AdaSPEC: the reference draft's FKL run
+    buffers: dict[str, int]  # per-chip bytes of each resident buffer (see `phases`)
+
+
+def build_run(c: ConfigDict, mesh) -> Run:
+    """The run's models (abstract, sharded on `mesh`) and its Distillers, as experiment.distill builds them."""
+    from distillspec_jax import experiment
+
+    target = sharded_abstract_model(model_config(c, "target"), mesh)
+    draft = sharded_abstract_model(model_config(c, "draft"), mesh)
+    cfg = experiment.train_config(c)
+    reference_distiller = reference = None
+    if cfg.adaspec_fraction is not None:
+        ref_cfg = dataclasses.replace(cfg, divergence="fkl", adaspec_fraction=None)
+        reference_distiller = train.Distiller(ref_cfg, draft, target, mesh)
+        reference = draft  # the same shapes and shardings as the draft
+    distiller = train.Distiller(cfg, draft, target if cfg.loss_spec().uses_target else None, mesh, reference=reference)
+    state = distiller.abstract_state()
+    buffers = {
+        "target": per_chip_bytes(nnx.state(target)),
+        "draft": per_chip_bytes(state.params),
+        "opt_state": per_chip_bytes(state.opt_state),
+        # The step's gradient of the draft (cast to the parameters' dtype): a temporary of the step, named here
+        # so that the cheap estimate counts it; in a compiled report it is inside the step's temporaries.
+        "gradients": per_chip_bytes(state.params),
+    }
+    if reference_distiller is not None:
+        buffers["reference"] = buffers["draft"]
+        # experiment.distill keeps the reference run's LoopResult (its optimizer state too) alive while the main
+        # draft trains; counted because that is what the run holds.
+        buffers["reference_opt_state"] = buffers["opt_state"]
+    if c.generator.kind in ("draft", "mix") and c.generator.regenerate_every > 1:
+        buffers["draft_snapshot"] = buffers["draft"]  # generators._snapshot copies the generating draft
+    return Run(c, mesh, run_shapes(c), target, draft, distiller, reference_distiller, buffers)
+
+
+def phases(run: Run) -> dict[str, tuple[str, ...]]:
+    """The buffers live in each phase of experiment.run (the models stay loaded from prepare to the end)."""
+    distill = ["target", "draft", "opt_state", "gradients"]
+    distill += [b for b in ("reference", "reference_opt_state", "draft_snapshot") if b in run.buffers]
+    return {"data": ("target", "draft"), "eval": ("target", "draft"), "distill": tuple(distill)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The cheap check (no compile)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FitEstimate:
+    """Resident bytes per chip of each phase on one mesh: a lower bound (no activations, caches, logits)."""
+
+    chip: str
+    num_devices: int
+    mesh: dict[str, int]  # data, fsdp, tensor
+    hbm_bytes: int
+    budget_bytes: int  # hbm_bytes less the headroom
+    phase_bytes: dict[str, dict[str, int]]  # phase -> buffer -> bytes per chip
+    peak_phase: str
+    peak_bytes: int
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.budget_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "fits": self.fits, "label": "lower bound: weights, optimizer state and "
+                "gradients only, from shapes and shardings (no compile)"}
+
+
+class DoesNotFitError(ValueError):
+    """The config cannot fit the chips' memory; the message names the setting that makes it fit."""
+
+
+def mesh_flags(mesh: dict[str, int]) -> str:
+    return " ".join(f"--config.mesh.{axis}={mesh[axis]}" for axis in shd.MESH_AXES)
+
+
+def _batch_ok(c: ConfigDict, data: int, fsdp: int) -> bool:
+    micro = c.distill.batch_size // max(c.distill.grad_accum_steps, 1)
+    return micro % (data * fsdp) == 0 and c.eval.batch_size % (data * fsdp) == 0
+
+
+def candidate_meshes(c: ConfigDict, num_devices: int) -> list[dict[str, int]]:
+    """Every (data, fsdp, tensor) over num_devices whose sizes divide the batches and the models' sharded
+    dimensions, least model sharding first (data parallelism is cheapest), fsdp before tensor."""
+    divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
+    configs = (model_config(c, "target"), model_config(c, "draft"))
+    out = []
+    for tensor in divisors:
+        for fsdp in (d for d in divisors if (num_devices // tensor) % d == 0):
+            data = num_devices // (tensor * fsdp)
+            if not _batch_ok(c, data, fsdp):
+                continue
+            mesh = shd.abstract_mesh(data, fsdp, tensor, num_devices)
+            try:
+                for cfg in configs:
+                    shd.state_shardings(nnx.state(_abstract_model(cfg)), mesh)
+            except ValueError:  # a dimension the mesh does not divide
+                continue
+            out.append({"data": data, "fsdp": fsdp, "tensor": tensor})
+    return sorted(out, key=lambda m: (m["fsdp"] * m["tensor"], m["tensor"]))
+
+
+def estimate_fit(c: ConfigDict, device_kind: str, num_devices: int, mesh: dict[str, int] | None = None,
+                 headroom: float = HEADROOM) -> FitEstimate:
+    """The cheap estimate of config `c` on num_devices chips of device_kind, on `mesh` (default: the config's)."""
+    sizes = mesh or {axis: c.mesh[axis] for axis in shd.MESH_AXES}
+    amesh = shd.abstract_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], num_devices)
+    run = build_run(c, amesh)
+    phase_bytes = {name: {b: run.buffers[b] for b in names} for name, names in phases(run).items()}
+    peak_phase = max(phase_bytes, key=lambda p: sum(phase_bytes[p].values()))
+    hbm = chip(device_kind).hbm_bytes
+    return FitEstimate(chip=chip(device_kind).name, num_devices=num_devices, mesh=dict(amesh.shape),
+                       hbm_bytes=hbm, budget_bytes=int(hbm * (1 - headroom)), phase_bytes=phase_bytes,
+                       peak_phase=peak_phase, peak_bytes=sum(phase_bytes[peak_phase].values()))
+
+
+def check_fits(c: ConfigDict, devices: Sequence[jax.Device] | None = None, *, device_kind: str | None = None,
+               num_devices: int | None = None, headroom: float = HEADROOM) -> FitEstimate:
+    """Refuses (DoesNotFitError) a config whose resident weights, optimizer state and gradients alone exceed
+    the chips' memory on its mesh, naming the first mesh that fits; returns the estimate otherwise. Cheap (no
+    compile, no weights): call it before downloading or converting anything. Pass jax devices (default: all)
+    or a device kind and count (e.g. 'NVIDIA H100', 1) to check hardware this host does not have."""
+    if device_kind is None:
+        devices = list(jax.devices() if devices is None else devices)
+        device_kind, num_devices = devices[0].device_kind, len(devices)
+    est = estimate_fit(c, device_kind, num_devices, headroom=headroom)
+    if est.fits:
+        return est
+    suggestion = next((m for m in candidate_meshes(c, num_devices)
+                       if estimate_fit(c, device_kind, num_devices, m, headroom).fits), None)
+    phase = est.phase_bytes[est.peak_phase]
+    detail = ", ".join(f"{k} {v / GiB:.2f}" for k, v in phase.items())
+    fix = (f"a mesh that fits: {mesh_flags(suggestion)}" if suggestion else
+           f"no mesh of {num_devices} {est.chip} chips fits it: use more chips or smaller models / dtypes")
+    raise DoesNotFitError(
+        f"config does not fit {num_devices} x {est.chip} ({est.hbm_bytes / GiB:.1f} GiB each, {headroom:.0%} "
+        f"headroom) on mesh {est.mesh}: its {est.peak_phase} phase keeps {est.peak_bytes / GiB:.2f} GiB per chip "
+        f"resident ({detail} GiB) before any activation; {fix}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The compile pre-flight
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One jitted program of the run, ready to lower with abstract arguments."""
+
+    name: str
+    lower: Callable[[], Any]  # () -> jax.stages.Lowered
+    resident: tuple[str, ...]  # the run's live buffers during this program that are not among its arguments
+
+
+def _eos_ids(cfg: qwen3.Qwen3Config) -> tuple[int, ...]:
+    # The program depends on the number of EOS ids, not their values: one, as the Qwen3 chat template ends a turn.
+    return (cfg.vocab_size - 1,)
+
+
+def programs(run: Run) -> list[Program]:
+    """Every program experiment.run executes for this config, in the order it runs them."""
+    c, mesh, s, target, draft = run.c, run.mesh, run.shapes, run.target, run.draft
+    d = run.distiller
+    batch_sh, repl = shd.batch_sharding(mesh, 2), shd.replicated(mesh)
+    rng = _abstract((), jax.eval_shape(lambda: jax.random.key(0)).dtype, repl)
+    tg, ts = nnx.split(target)
+    dg, ds = nnx.split(draft)
+    phase = phases(run)
+    out: list[Program] = []
+
+    def others(phase_name: str, *taken: str) -> tuple[str, ...]:
+        return tuple(b for b in phase[phase_name] if b not in taken)
+
+    def prompts(batch: int, length: int):
+        return (_abstract((batch, length), jnp.int32, batch_sh),
+                _abstract((batch,), jnp.int32, shd.batch_sharding(mesh, 1)))
+
+    def generate(name, graphdef, state, batch, new_tokens, sampler, sequences, resident, cfg):
+        p, lens = prompts(batch, s.prompt_len)
+        cache_len = gen.required_cache_len(s.prompt_len, new_tokens)
+        lower = functools.partial(gen._generate_jit.lower, graphdef, state, p, lens, rng, max_new_tokens=new_tokens,
+                                  sampler=sampler, eos_ids=_eos_ids(cfg), pad_id=gen.DEFAULT_PAD_ID,
+                                  cache_len=cache_len, return_sequences=sequences)
+        out.append(Program(name, lower, resident))
+
+    g = c.generator
+    g_sampler = Sampler(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
+    needs_target = g.kind == "target" or (g.kind == "mix" and g.mix_other == "target")
+    if needs_target:
+        generate("generate_target_responses", tg, ts, s.train_batch, s.generate_tokens, g_sampler, True,
+                 others("data", "target"), target.cfg)
+
+    samplers = [Sampler(temperature=float(t), top_k=c.eval.top_k, top_p=c.eval.top_p) for t in c.eval.temperatures]
+    gammas = [int(x) for x in c.eval.gammas]
+    eval_cache = s.prompt_len + s.eval_tokens  # evaluate.gamma_sweep's step-cost cache
+
+    def eval_programs(stage: str):
+        if c.eval.timing_repeats > 0:
+            def decode_steps(name, graphdef, state, cfg, tokens, resident):
+                # evaluate.decode_step_seconds builds its cache with KVCache.init outside jit: a replicated array.
+                cache = jax.tree.map(lambda x: _abstract(x.shape, x.dtype, repl),
+                                     jax.eval_shape(lambda: qwen3.KVCache.init(cfg, s.eval_batch, eval_cache)))
+                first = _abstract((s.eval_batch,), jnp.int32, repl)
+                lower = functools.partial(ev._decode_steps.lower, graphdef, state, cache, first,
+                                          steps=ev.STEPS_PER_TIMING, tokens_per_step=tokens)
+                out.append(Program(name, lower, resident))
+
+            decode_steps(f"{stage}/decode_step_target", tg, ts, target.cfg, 1, others("eval", "target"))
+            decode_steps(f"{stage}/decode_step_draft", dg, ds, draft.cfg, 1, others("eval", "draft"))
+            for gamma in gammas:
+                decode_steps(f"{stage}/verify_step_target_g{gamma}", tg, ts, target.cfg, gamma + 1,
+                             others("eval", "target"))
+        for sampler in samplers:
+            t = f"T{sampler.temperature:g}"
+            if c.eval.analytic:
+                generate(f"{stage}/{t}/analytic_generate_target", tg, ts, s.eval_batch, s.eval_tokens, sampler, True,
+                         others("eval", "target"), target.cfg)
+                length = s.prompt_len + s.eval_tokens
+                sequences = _abstract((s.eval_batch, length), jnp.int32, batch_sh)
+                predicts = _abstract((s.eval_batch, length), jnp.bool_, batch_sh)
+                lower = functools.partial(ev._acceptance_sum.lower, tg, dg, ts, ds, sequences, predicts,
+                                          sampler=sampler, chunk=min(ev.POSITION_CHUNK, length))
+                out.append(Program(f"{stage}/{t}/analytic_acceptance", lower, others("eval", "target", "draft")))
+            if c.eval.timing_repeats > 0:
+                generate(f"{stage}/{t}/decode_target", tg, ts, s.eval_batch, s.eval_tokens, sampler, False,
+                         others("eval", "target"), target.cfg)
+            for gamma in gammas:
+                p, lens = prompts(s.eval_batch, s.prompt_len)
+                lower = functools.partial(
+                    spec._speculative_jit.lower, tg, dg, ts, ds, p, lens, rng, gamma=gamma,
+                    max_new_tokens=s.eval_tokens, sampler=sampler, eos_ids=_eos_ids(target.cfg),
+                    pad_id=gen.DEFAULT_PAD_ID, cache_len=spec.required_cache_len(s.prompt_len, s.eval_tokens, gamma),
+                    return_sequences=False, lossy_variant=None)
+                out.append(Program(f"{stage}/{t}/speculative_g{gamma}", lower, others("eval", "target", "draft")))
+
+    stages = set(x.strip() for x in c.stages.split(","))
+    if "eval_before" in stages or "eval_after" in stages:
+        eval_programs("eval")  # eval_before and eval_after run the same programs at the same shapes
+
+    if "distill" in stages:
+        batch = {"tokens": _abstract((s.train_batch, s.train_len), jnp.int32, batch_sh),
+                 "loss_mask": _abstract((s.train_batch, s.train_len), jnp.float32, batch_sh)}
+
+        def step(name, distiller, resident, init_resident):
+            state = distiller.abstract_state()
+            lower = functools.partial(distiller._step.lower, state, distiller.target_params,
+                                      distiller.reference_params, batch)
+            out.append(Program(name, lower, resident))
+            # The optimizer's initialisation: takes the draft's parameters, returns the new optimizer state.
+            out.append(Program(f"{name}/init_opt", functools.partial(distiller._init_opt.lower, state.params),
+                               init_resident))
+
+        reference = ("reference",) if run.reference_distiller is not None else ()
+        if reference:
+            # The reference's FKL run (arguments: its state and the target); the main draft's copy stays loaded.
+            step("reference_step", run.reference_distiller, ("draft",), ("draft", "target"))
+        taken = ("draft", "opt_state", "gradients") + (("target",) if d.spec.uses_target else ()) + reference
+        step("distill_step", d, others("distill", *taken), others("distill", "draft", "opt_state", "gradients"))
+        if g.kind in ("draft", "mix"):
+            generate("generate_draft_on_policy", dg, ds, s.train_batch, s.generate_tokens, g_sampler, True,
+                     others("distill", "draft", "gradients"), draft.cfg)
+    return out
+
+
+@dataclasses.dataclass
+class ProgramReport:
+    """Per chip, one compiled program (sizes in bytes, from compiled.memory_analysis())."""
+
+    name: str
+    compile_s: float
+    argument_bytes: int
+    temp_bytes: int
+    output_bytes: int
+    alias_bytes: int  # outputs that reuse donated argument buffers: counted once, among the arguments
+    generated_code_bytes: int
+    resident_bytes: int  # the run's other live buffers (not arguments of this program)
+    resident: tuple[str, ...]
+    total_bytes: int  # argument + temp + output − alias + generated code + resident
+    budget_bytes: int
+    flops_per_iteration: float | None  # XLA cost analysis; loop bodies counted once (module docstring)
+    bytes_accessed_per_iteration: float | None
+    compiler_estimate_s_per_iteration: float | None  # XLA's 'optimal_seconds': an estimate, loop bodies once
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.budget_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "fits": self.fits}
+
+
+def compile_program(program: Program, run: Run, budget_bytes: int) -> ProgramReport:
+    start = time.perf_counter()
+    compiled = program.lower().compile()
+    seconds = time.perf_counter() - start
+    m = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    if isinstance(cost, (list, tuple)):  # older jax returned one dict per device program
+        cost = cost[0] if cost else {}
+    resident = sum(run.buffers[b] for b in program.resident)
+    total = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.generated_code_size_in_bytes + resident)
+    return ProgramReport(
+        name=program.name, compile_s=round(seconds, 2), argument_bytes=int(m.argument_size_in_bytes),
+        temp_bytes=int(m.temp_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
+        alias_bytes=int(m.alias_size_in_bytes), generated_code_bytes=int(m.generated_code_size_in_bytes),
+        resident_bytes=int(resident), resident=program.resident, total_bytes=int(total), budget_bytes=budget_bytes,
+        flops_per_iteration=cost.get("flops"), bytes_accessed_per_iteration=cost.get("bytes accessed"),
+        compiler_estimate_s_per_iteration=cost.get("optimal_seconds"))
+
+
+def _selected(all_programs: list[Program], only: Sequence[str] | None) -> list[Program]:
+    if not only:
+        return all_programs
+    chosen = [p for p in all_programs if any(p.name.startswith(o) or f"/{o}" in p.name for o in only)]
+    if not chosen:
+        raise ValueError(f"--programs={','.join(only)} matches none of {[p.name for p in all_programs]}")
+    return chosen
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def compile_all(c: ConfigDict, devices: Sequence[jax.Device], only: Sequence[str] | None = None,
+                headroom: float = HEADROOM) -> tuple[Run, list[ProgramReport]]:
+    """Compiles the selected programs of `c` on its mesh over `devices`; one report per program."""
+    from distillspec_jax import experiment
+
+    mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
+    experiment.check_mesh(c, mesh)  # batch sizes against the mesh
+    run = build_run(c, mesh)
+    budget = int(chip(devices[0].device_kind).hbm_bytes * (1 - headroom))
+    reports = []
+    for program in _selected(programs(run), only):
+        report = compile_program(program, run, budget)
+        _log(f"[aot] {report.name}: {report.compile_s:.1f} s to compile; per chip {_size(report.total_bytes)} "
+             f"(arguments {_size(report.argument_bytes)}, temporaries {_size(report.temp_bytes)}, outputs not "
+             f"aliased {_size(report.output_bytes - report.alias_bytes)}, other resident "
+             f"{_size(report.resident_bytes)}) of {_size(budget)}: {'fits' if report.fits else 'DOES NOT FIT'}")
+        reports.append(report)
+    return run, reports
+
+
+# ----------------------------------------------------------------------------------------------
+# Roofline estimates (analytic, labelled)
+# ----------------------------------------------------------------------------------------------
+
+
+def matmul_params(cfg: qwen3.Qwen3Config) -> int:
+    """Weights multiplied per token: every layer's projections and the LM head (the embedding is a lookup)."""
+    d, f, h, n, k = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    return cfg.num_hidden_layers * (2 * d * n * h + 2 * d * k * h + 3 * d * f) + d * cfg.vocab_size
+
+
+def forward_flops(cfg: qwen3.Qwen3Config, tokens: int, keys: int) -> float:
+    """FLOPs of a forward pass over `tokens` tokens each attending to `keys` positions (computed, masked or not)."""
+    attention = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * keys
+    return float(tokens * (2 * matmul_params(cfg) + attention))
+
+
+def _step_seconds(cfg: qwen3.Qwen3Config, param_bytes: int, rows: int, tokens: int, cache_len: int, tensor: int,
+                  c: Chip) -> float:
+    """Roofline of one cached decode step of `tokens` tokens for `rows` rows on one chip: every weight is read
+    once (its 1/tensor share) plus this chip's rows of the KV cache, or the FLOPs, whichever takes longer."""
+    kv = 2 * cfg.num_hidden_layers * rows * cache_len * cfg.num_key_value_heads * cfg.head_dim
+    kv_bytes = kv * np.dtype(qwen3.resolve_dtype(cfg.dtype)).itemsize / tensor
+    flops = forward_flops(cfg, rows * tokens, cache_len) / tensor
+    return max((param_bytes / tensor + kv_bytes) / c.hbm_bytes_per_s, flops / c.peak_flops)
+
+
+def roofline(c: ConfigDict, device_kind: str, num_devices: int, gamma: int = 4) -> dict[str, Any]:
+    """Analytic lower bounds of time at 100% of the vendor peaks (labelled estimates, not measurements):
+    the distillation step (FLOPs-bound: target forward, draft forward + backward + remat's second forward),
+    one speculative block at γ and one target-only decode step (bytes-bound: weights and KV cache read)."""
+    sizes = shd.mesh_sizes(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
+    data, fsdp, tensor = sizes
+    hw, s = chip(device_kind), run_shapes(c)
+    target_cfg, draft_cfg = model_config(c, "target"), model_config(c, "draft")
+    tokens = s.train_batch * s.train_len
+    passes = 3 + (1 if c.distill.remat else 0)  # forward, backward (2x), recomputed forward
+    flops = forward_flops(draft_cfg, tokens, s.train_len) * passes
+    if c.distill.divergence != "ce":
+        flops += forward_flops(target_cfg, tokens, s.train_len)
+    if c.distill.adaspec_fraction > 0:
+        flops += forward_flops(draft_cfg, tokens, s.train_len)  # the reference's forward
+    step_s = flops / (num_devices * hw.peak_flops)
+    rows = max(s.eval_batch // (data * fsdp), 1)
+    cache = spec.required_cache_len(s.prompt_len, s.eval_tokens, gamma)
+    # Each chip reads every weight of a decode step (its tensor share), gathered over fsdp or replicated.
+    t_bytes = target_cfg.num_params() * np.dtype(qwen3.resolve_dtype(target_cfg.param_dtype)).itemsize
+    d_bytes = draft_cfg.num_params() * np.dtype(qwen3.resolve_dtype(draft_cfg.param_dtype)).itemsize
+    draft_s = _step_seconds(draft_cfg, d_bytes, rows, 2, cache, tensor, hw) + \
+        (gamma - 1) * _step_seconds(draft_cfg, d_bytes, rows, 1, cache, tensor, hw)
+    verify_s = _step_seconds(target_cfg, t_bytes, rows, gamma + 1, cache, tensor, hw)
+    target_step_s = _step_seconds(target_cfg, t_bytes, rows, 1, s.prompt_len + s.eval_tokens, tensor, hw)
+    return {
+        "label": "analytic roofline at 100% of vendor peak FLOP/s and HBM bandwidth (lower bounds; no "
+                 "collectives, no sampler): estimates, not measurements",
+        "chip": hw.name, "num_devices": num_devices, "mesh": dict(zip(shd.MESH_AXES, sizes)),
+        "distill_step_s": step_s, "distill_step_flops": flops,
+        "distill_positions_per_s": tokens / step_s,
+        "gamma": gamma, "speculative_block_s": draft_s + verify_s, "speculative_block_draft_s": draft_s,
+        "speculative_block_verify_s": verify_s, "target_decode_step_s": target_step_s,
+        "draft_decode_step_s": _step_seconds(draft_cfg, d_bytes, rows, 1, s.prompt_len + s.eval_tokens, tensor, hw),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The pre-flight
+# ----------------------------------------------------------------------------------------------
+
+
+def _with_mesh(c: ConfigDict, mesh: dict[str, int]) -> ConfigDict:
+    c = ConfigDict(c.to_dict())  # unlocked copy
+    c.mesh.update(mesh)
+    return c
+
+
+EXIT_DOES_NOT_FIT = 3  # the CLI's exit status for a refused config (2: bad input; 1: Python's own failures)
+LOCAL = "local"  # --topology=local: this host's own devices (e.g. its GPUs) instead of a TPU topology
+
+
+def preflight(c: ConfigDict, topology_name: str, *, only: Sequence[str] | None = None, headroom: float = HEADROOM,
+              search: int = 3, estimate_only: bool = False, hosts: int = 1) -> dict[str, Any]:
+    """Compiles every program of `c` for a TPU topology (or, with 'local', for this host's devices) and reports
+    per chip (one JSON-serialisable dict). A config the cheap estimate refuses is not compiled.
+
+    hosts (local only): the job spans this many hosts like this one; only the estimate is then possible.
+    When a program does not fit, tries up to `search` other meshes (least sharding first, those the cheap
+    estimate already refuses skipped), compiling the programs that did not fit, and names the first that fits.
+    """
+    from distillspec_jax import experiment
+
+    experiment.validate(c)
+    if topology_name == LOCAL:
+        devices = jax.devices()
+        num_devices = len(devices) * hosts
+        estimate_only = estimate_only or hosts > 1  # one host cannot compile for the others' devices
+        topo = {"name": LOCAL, "topology_name": None, "hosts": hosts}
+    else:
+        if hosts != 1:
+            raise ValueError(f"hosts={hosts} applies to --topology={LOCAL}; a TPU topology names its own hosts")
+        devices = topology_devices(topology_name)
+        num_devices = len(devices)
+        topo = {"name": topology_name, "topology_name": topology(topology_name).topology_name,
+                "hosts": len({d.process_index for d in devices})}
+    kind = devices[0].device_kind
+    hw = chip(kind)
+    mesh = dict(zip(shd.MESH_AXES, shd.mesh_sizes(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)))
+    estimate = estimate_fit(c, kind, num_devices, headroom=headroom)
+    compiling = estimate.fits and not estimate_only
+    reports = compile_all(c, devices, only, headroom)[1] if compiling else []
+    largest = max(reports, key=lambda r: r.total_bytes) if reports else None
+    fits = estimate.fits and all(r.fits for r in reports)
+    versions = {"jax": jax.__version__, "flax": importlib.metadata.version("flax")}
+    if topology_name != LOCAL:
+        versions["libtpu"] = check_libtpu()
+    result: dict[str, Any] = {
+        "tool": "distillspec_jax.aot",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "host": {"machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count()},
+        "versions": versions,
+        "models": {"target": c.target.model, "draft": c.draft.model},
+        "topology": {**topo, "devices": num_devices, "device_kind": kind},
+        "chip": {"name": hw.name, "hbm_bytes": hw.hbm_bytes, "headroom": headroom,
+                 "budget_bytes": int(hw.hbm_bytes * (1 - headroom))},
+        "mesh": mesh,
+        "shapes": dataclasses.asdict(run_shapes(c)),
+        "estimate": estimate.to_json(),
+        "compiled": compiling,
+        "programs": [r.to_json() for r in reports],
+        "largest": None if largest is None else {"name": largest.name, "total_bytes": largest.total_bytes},
+        "compile_s_total": round(sum(r.compile_s for r in reports), 1),
+        "fits": fits,
+        "roofline": roofline(c, kind, num_devices),
+        "suggested_mesh": None,
+        # When the estimate refuses: the first mesh whose resident weights fit (not compiled unless searched).
+        "estimate_suggested_mesh": None,
+        "search": [],
+    }
+    if not estimate.fits:
+        result["estimate_suggested_mesh"] = next(
+            (m for m in candidate_meshes(c, num_devices) if estimate_fit(c, kind, num_devices, m, headroom).fits),
+            None)
+    if not fits and not estimate_only:
+        # Compile what did not fit (everything selected, when the estimate already refused) on other meshes.
+        failing = [r.name for r in reports if not r.fits] or only
+        tried = 0
+        for candidate in candidate_meshes(c, num_devices):
+            if candidate == mesh or not estimate_fit(c, kind, num_devices, candidate, headroom).fits:
+                continue
+            if tried == search:
+                break
+            tried += 1
+            _log(f"[aot] trying mesh {candidate}")
+            _, trial = compile_all(_with_mesh(c, candidate), devices, failing, headroom)
+            worst = max(trial, key=lambda r: r.total_bytes)
+            ok = all(r.fits for r in trial)
+            result["search"].append({"mesh": candidate, "fits": ok, "programs": [r.name for r in trial],
+                                     "largest": worst.name, "total_bytes": worst.total_bytes})
+            if ok:
+                result["suggested_mesh"] = candidate
+                break
+    return result
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def verdict(result: dict[str, Any]) -> str:
+    """One line: fits, or does not fit and what to change."""
+    budget = result["chip"]["budget_bytes"]
+    head = (f"{result['topology']['name']} ({result['topology']['devices']} x {result['chip']['name']}, "
+            f"{budget / GiB:.1f} GiB budget per chip), mesh {result['mesh']}")
+    if result["largest"] is None:
+        est = result["estimate"]
+        head += (f": resident weights, optimizer state and gradients need {est['peak_bytes'] / GiB:.2f} GiB per chip"
+                 f"{'' if result['compiled'] else ' (estimate; programs not compiled)'}")
+    else:
+        head += (f": largest program {result['largest']['name']} needs "
+                 f"{result['largest']['total_bytes'] / GiB:.2f} GiB per chip")
+    if result["fits"]:
+        return f"fits: {head}"
+    if result["suggested_mesh"]:
+        fix = f"a mesh that fits (compiled): {mesh_flags(result['suggested_mesh'])}"
+    elif result["estimate_suggested_mesh"]:
+        fix = (f"the resident weights fit on {mesh_flags(result['estimate_suggested_mesh'])} (estimate; rerun the "
+               "pre-flight with it)")
+    else:
+        fix = "no mesh tried fits: use more chips, shorter sequences or smaller batches"
+    return f"DOES NOT FIT: {head}; {fix}"
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    if f.topology != LOCAL and not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")  # compile for the topology; never touch a local accelerator
+    try:
+        result = preflight(f.config, f.topology, only=[p for p in f.programs.split(",") if p] or None,
+                           headroom=f.headroom, search=f.search, estimate_only=f.estimate_only, hosts=f.hosts)
+    except (ValueError, RuntimeError) as e:  # bad topology, libtpu, config: one clear line, exit 2
+        print(f"[aot] error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if f.json:
+        with open(f.json, "w") as out:
+            json.dump(result, out, indent=1)
+    print(json.dumps(result), flush=True)
+    _log(f"[aot] {verdict(result)}")
+    sys.exit(0 if result["fits"] else EXIT_DOES_NOT_FIT)
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "configs/<divergence>.py[:preset]", lock_config=True)
+    flags.DEFINE_string("topology", None, f"TPU slice ({', '.join(list(TOPOLOGIES)[:6])}, ...), raw (v5e:2x2), "
+                        f"or '{LOCAL}' (this host's devices, e.g. its GPUs)")
+    flags.DEFINE_string("programs", "", "comma-separated program names (or prefixes) to compile; '' = all")
+    flags.DEFINE_float("headroom", HEADROOM, "fraction of each chip's HBM left to the runtime")
+    flags.DEFINE_integer("search", 3, "meshes to compile when the config's does not fit")
+    flags.DEFINE_bool("estimate_only", False, "only the cheap estimate (no compile): seconds")
+    flags.DEFINE_integer("hosts", 1, f"with --topology={LOCAL}: hosts like this one in the job (estimate only)")
+    flags.DEFINE_string("json", "", "also write the report to this file")
+    flags.mark_flags_as_required(["config", "topology"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
