@@ -23,6 +23,7 @@ import pytest
 
 from configs import adaspec, fkl, jsd, rkl, tvd
 from configs.common import REAL_PAIRS, STAGES
+from distillspec_jax import hub
 from distillspec_jax.models import convert
 from tests import fake_hub
 from tests.conftest import REPO, run_main
@@ -162,6 +163,7 @@ def test_hf_cache_has_hubs_own_layout_and_resolves_offline(hf_cache):
         tied, sharded = fake_hub.QWEN3_REPOS[hub_id]
         hf_config = json.loads((snapshot / "config.json").read_text())
         assert hf_config["tie_word_embeddings"] is tied and hf_config["vocab_size"] == fake_hub.QWEN3_VOCAB_SIZE
+        assert convert.missing_checkpoint_files(snapshot) == []
         if sharded:
             index = json.loads((snapshot / convert.INDEX_FILE).read_text())
             assert len(set(index["weight_map"].values())) > 1
@@ -216,3 +218,32 @@ def test_real_preset_downloads_from_the_hub_into_an_empty_cache(hub_repos, xla_c
         assert any(path.startswith(f"/{hub_id}/resolve/") and path.endswith(".safetensors") for path in served)
     assert any(path.startswith("/datasets/openai/gsm8k/resolve/") and path.endswith(".parquet") for path in served)
     assert list((home / "datasets" / "openai___gsm8k" / "main").glob("*/*/gsm8k-test.arrow"))
+
+
+def test_a_cached_tokenizer_alone_does_not_stand_in_for_the_checkpoint(hub_repos, tmp_path, monkeypatch):
+    # AutoTokenizer.from_pretrained(id) leaves a snapshot folder with config.json and the tokenizer files only.
+    # The converter must not take that folder for the checkpoint: offline it says what is missing, online it
+    # downloads the weights.
+    import huggingface_hub
+
+    home, out = tmp_path / "hf", tmp_path / "converted"
+    hub_id = "Qwen/Qwen3-1.7B"  # sharded, with an index
+    with fake_hub.FakeHub(hub_repos) as server:
+        env = fake_hub.online_env(home, server.url)
+        tokenizer_only = f"import transformers; transformers.AutoTokenizer.from_pretrained({hub_id!r})"
+        proc = subprocess.run([sys.executable, "-c", tokenizer_only], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        snapshot = _snapshot(home, hub_id)
+        assert (snapshot / "tokenizer.json").exists() and not list(snapshot.glob("*.safetensors"))
+
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))  # offline (conftest)
+        with pytest.raises(hub.HubUnreachableError, match=r"lacks .*safetensors"):
+            convert.resolve_checkpoint(hub_id)
+
+        convert_cli = [sys.executable, "-m", "distillspec_jax.models.convert", f"--hf={hub_id}", f"--out={out}"]
+        proc = subprocess.run(convert_cli, env={**env, **JAX_ENV}, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not server.unhandled(), server.unhandled()
+    assert convert.missing_checkpoint_files(snapshot) == []
+    np.testing.assert_array_equal(np.asarray(convert.load_orbax(out).embed[...], np.float32), _hub_embedding(snapshot))
