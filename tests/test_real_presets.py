@@ -24,6 +24,7 @@ import pytest
 from configs import adaspec, fkl, jsd, rkl, tvd
 from configs.common import REAL_PAIRS, STAGES
 from distillspec_jax import hub
+from distillspec_jax.data import sources
 from distillspec_jax.models import convert
 from tests import fake_hub
 from tests.conftest import REPO, run_main
@@ -247,3 +248,24 @@ def test_a_cached_tokenizer_alone_does_not_stand_in_for_the_checkpoint(hub_repos
         assert not server.unhandled(), server.unhandled()
     assert convert.missing_checkpoint_files(snapshot) == []
     np.testing.assert_array_equal(np.asarray(convert.load_orbax(out).embed[...], np.float32), _hub_embedding(snapshot))
+
+
+@pytest.mark.parametrize("hub_state", ["HF_HUB_OFFLINE", "unreachable"])
+def test_a_dataset_in_the_hub_cache_alone_loads_without_the_hub(hub_state, hf_cache, tmp_path, monkeypatch):
+    # `huggingface-cli download openai/gsm8k --repo-type dataset` (snapshot_download) fills the HF hub cache
+    # only; datasets reads its own arrow cache and never that one, so the loader reads the snapshot itself.
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_cache / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "no_arrow_cache"))
+    if hub_state == "unreachable":  # not declared offline, and the probe finds no Hub
+        monkeypatch.setattr(hub, "hub_offline", lambda: False)
+        monkeypatch.setattr(hub, "probe_hub", lambda: "cannot connect to huggingface.co:443: unreachable")
+    rows = sources.load("hf", fake_hub.GSM8K_ID, "main", "test")
+    assert rows == fake_hub.gsm8k_rows("test", fake_hub.GSM8K_SPLITS["test"])
+    with pytest.raises(sources.DataSourceError, match="has no split 'validation'"):
+        sources.load("hf", fake_hub.GSM8K_ID, "main", "validation")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))
+    with pytest.raises(hub.HubUnreachableError, match="not in the local Hugging Face cache"):
+        sources.load("hf", fake_hub.GSM8K_ID, "main", "test")
