@@ -54,7 +54,7 @@ def truncated_draft(target: qwen3.Qwen3, layers: int) -> qwen3.Qwen3:
         raise ValueError(f"--truncated_layers must be in [1, {target.cfg.num_hidden_layers - 1}], got {layers}")
     draft = qwen3.init_model(target.cfg.replace(num_hidden_layers=layers))
     target_params = nnx.to_pure_dict(nnx.state(target, nnx.Param))
-    params = dict(target_params, layers={i: target_params["layers"][i] for i in range(layers)})
+    params = dict(target_params, layers=jax.tree.map(lambda x: x[:layers], target_params["layers"]))
     state = nnx.state(draft, nnx.Param)
     nnx.replace_by_pure_dict(state, params)
     nnx.update(draft, state)

@@ -38,6 +38,7 @@ def base() -> ConfigDict:
     c.seed = 0  # master seed: data order, sampling, tiny-model initialisation
     c.stages = ",".join(STAGES)  # comma-separated subset of: prepare,data,eval_before,distill,eval_after,report
     c.overwrite = False  # allow reusing a workdir whose run had a different config (its outputs are discarded)
+    c.resume_with_changes = ""  # comma-separated fields that may differ from the workdir's config on resume, e.g. distill.learning_rate
     c.plots = True  # report stage: write PNG plots and a markdown table into <workdir>/plots
     c.compilation_cache = "auto"  # JAX persistent compilation cache: a folder, 'auto' (<model cache>/xla_cache), or '' (off)
     c.distributed = "auto"  # jax.distributed.initialize: auto (when the launcher's environment asks) | on | off

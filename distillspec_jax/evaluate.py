@@ -244,15 +244,27 @@ def _batch_rng(rng: jax.Array, index: int) -> jax.Array:
     return rng if index == 0 else jax.random.fold_in(rng, index)
 
 
+def step_costs(target: qwen3.Qwen3, draft: qwen3.Qwen3, batches: Sequence[PromptBatch], gammas: Sequence[int],
+               max_new_tokens: int, runs: int = TIMING_RUNS) -> dict[str, Any]:
+    """c and the verify-call cost of every γ, measured once at the first batch's size with a cache of T + N
+    slots: {'cost_ratio', 'target_step_s', 'draft_step_s', 'verify_cost_ratio': {γ: ratio}}."""
+    batch, prompt_len = np.shape(batches[0][0])
+    cache_len = prompt_len + max_new_tokens
+    steps = cost_ratio(target, draft, batch, cache_len, runs)
+    verify = {g: verify_cost_ratio(target, g, batch, cache_len, runs, steps["target_step_s"]) for g in gammas}
+    return {**steps, "verify_cost_ratio": verify}
+
+
 def gamma_sweep(target: qwen3.Qwen3, draft: qwen3.Qwen3, batches: Sequence[PromptBatch], gammas: Sequence[int],
                 max_new_tokens: int, sampler: Sampler, rng: jax.Array, *, eos_ids=(), runs: int = TIMING_RUNS,
-                measure_time: bool = True, analytic: bool = True,
+                measure_time: bool = True, analytic: bool = True, costs: dict[str, Any] | None = None,
                 on_gamma: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
     """One dict per γ (in the order given), over every prompt batch: the statistics of `speculative.summarize`
     aggregated over all rows, τ̂ from α̂ (with analytic), and, with measure_time, the measured speedup (summed
     wall times of all batches, target-only against speculative) and the predicted speedups. The baseline
     time, c and α̂ do not depend on γ and are computed once; step costs use a cache of T + N slots (attention
-    cost grows with the cache) at the batch size of the first batch. on_gamma(γ) is called after each γ."""
+    cost grows with the cache) at the batch size of the first batch; `costs` (from `step_costs`) reuses them
+    across samplers, since a step's time does not depend on the sampler. on_gamma(γ) is called after each γ."""
     if not gammas:
         raise ValueError("gammas is empty; give at least one γ")
     if not batches:
@@ -267,11 +279,8 @@ def gamma_sweep(target: qwen3.Qwen3, draft: qwen3.Qwen3, batches: Sequence[Promp
         target_time_s = sum(target_decode_seconds(target, p, lens, max_new_tokens, sampler, _batch_rng(rng, i),
                                                   eos_ids=eos_ids, runs=runs)["target_time_s"]
                             for i, (p, lens) in enumerate(batches))
-        batch, prompt_len = np.shape(batches[0][0])
-        cache_len = prompt_len + max_new_tokens
-        steps = cost_ratio(target, draft, batch, cache_len, runs)
-        cost = steps["cost_ratio"]
-        verify = {g: verify_cost_ratio(target, g, batch, cache_len, runs, steps["target_step_s"]) for g in gammas}
+        costs = costs or step_costs(target, draft, batches, gammas, max_new_tokens, runs)
+        cost, verify = costs["cost_ratio"], {g: costs["verify_cost_ratio"][g] for g in gammas}
     results = []
     for g in gammas:
         seconds, stats = 0.0, []

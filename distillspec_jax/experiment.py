@@ -14,12 +14,14 @@ the config can get wrong is checked by `validate` before any model is loaded or 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import jax
@@ -27,17 +29,18 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from distillspec_jax import evaluate as ev
-from distillspec_jax import files, hub
+from distillspec_jax import checks, files, lease, model_sources, tracking
 from distillspec_jax import sharding as shd
 from distillspec_jax import train
 from distillspec_jax import workdir as wd
-from distillspec_jax.data import generators, pipeline, sources, tasks
+from distillspec_jax.data import generators, pipeline, tasks
+from distillspec_jax.errors import Preempted
 from distillspec_jax.models import convert, qwen3
 from distillspec_jax.progress import Progress
 from distillspec_jax.sampling import Sampler
 
-STAGES = ("prepare", "data", "eval_before", "distill", "eval_after", "report")
-TINY = "tiny"  # model source / tokenizer name of the embedded offline default
+STAGES = checks.STAGES
+TINY = checks.TINY  # model source / tokenizer name of the embedded offline default
 OFFLINE_QWEN3_TOKENIZER = "qwen3_offline"
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")  # end a chat turn / a document; both end a generated response
 DATA_DIR, MODELS_DIR, DISTILLED_DIR, REFERENCE_DIR = "data", "models", "distilled", "reference"
@@ -45,6 +48,11 @@ XLA_CACHE_DIR = "xla_cache"  # JAX's persistent compilation cache, beside the ca
 STAGE_FILES = {"data": f"{DATA_DIR}/train.json", "eval_before": "eval_before.json",
                "distill": f"{DISTILLED_DIR}/summary.json", "eval_after": "eval_after.json", "report": "results.json"}
 RESULTS_SCHEMA = 1
+# Every name a run writes at the top of its workdir: overwrite=True deletes these (but the model cache and
+# the marker) and nothing else, and a folder holding other names is not taken for a workdir (workdir.py).
+OWNED = (wd.MARKER_FILE, lease.LOCK_FILE, wd.CONFIG_FILE, tracking.METRICS_FILE, tracking.WANDB_ID_FILE, "wandb",
+         train.CHECKPOINT_DIR, DATA_DIR, MODELS_DIR, DISTILLED_DIR, REFERENCE_DIR, "plots", "logs",
+         *(f for f in STAGE_FILES.values() if "/" not in f))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,12 +60,7 @@ RESULTS_SCHEMA = 1
 # ----------------------------------------------------------------------------------------------
 
 
-def parse_stages(text: str) -> tuple[str, ...]:
-    stages = tuple(s.strip() for s in text.split(",") if s.strip())
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown or not stages:
-        raise ValueError(f"config.stages={text!r}: unknown stages {unknown}; choose from {','.join(STAGES)}")
-    return tuple(s for s in STAGES if s in stages)  # always in pipeline order
+parse_stages = checks.parse_stages
 
 
 def train_config(c: ConfigDict) -> train.TrainConfig:
@@ -84,53 +87,15 @@ def generator_spec(c: ConfigDict, eos_ids: tuple[int, ...] = (), pad_id: int = 0
         mix_other=g.mix_other, regenerate_every=g.regenerate_every)
 
 
-def _check_model_source(source: str, what: str) -> None:
-    if source == TINY:
-        return
-    if os.path.isdir(source):
-        if not os.path.isfile(os.path.join(source, convert.CONFIG_FILE)):
-            raise FileNotFoundError(f"config.{what}.model={source!r} is a folder without {convert.CONFIG_FILE}; "
-                                    "point it at a HF Qwen3 checkpoint folder")
-        return
-    if not hub.looks_like_hub_id(source):
-        raise FileNotFoundError(f"config.{what}.model={source!r} is neither an existing folder nor a hub id "
-                                "such as Qwen/Qwen3-0.6B; fix the path or the id")
-
-
 def validate(c: ConfigDict) -> tuple[str, ...]:
     """Checks every setting that can be checked without models; returns the stages to run."""
-    stages = parse_stages(c.stages)
-    train_config(c)  # divergence, β, temperature, AdaSPEC fraction, optimizer, loop
-    generator_spec(c)
-    sources.check_source(c.data.source, c.data.name, c.data.split, c.data.eval_split)
-    tasks.get_task(c.data.task)  # the task must exist; whether it has responses is checked with the data
-    for name in ("max_prompt_len", "max_response_len", "pad_multiple"):
-        if c.data[name] < 1:
-            raise ValueError(f"config.data.{name} must be >= 1, got {c.data[name]}")
-    for which in ("target", "draft"):
-        qwen3.resolve_dtype(c[which].dtype), qwen3.resolve_dtype(c[which].param_dtype)
-        _check_model_source(c[which].model, which)
-    if (c.target.model == TINY) != (c.draft.model == TINY):
-        raise ValueError("config.target.model and config.draft.model must both be 'tiny' (the offline pair) or neither")
-    if c.tokenizer == TINY and c.target.model != TINY:
-        raise ValueError(f"config.tokenizer={c.tokenizer!r} does not fit config.target.model={c.target.model!r}: "
-                         "the 'tiny' tokenizer belongs to the 'tiny' models; real models use their own ('' = "
-                         "the target's)")
-    if c.distill.adaspec_reference_steps < 0:
-        raise ValueError(f"config.distill.adaspec_reference_steps must be >= 0 (0 = distill.steps), got "
-                         f"{c.distill.adaspec_reference_steps}")
-    gammas = tuple(c.eval.gammas)
-    if not gammas or any(int(g) != g or g < 1 for g in gammas):
-        raise ValueError(f"config.eval.gammas must be integers >= 1 (draft tokens per block), got {gammas}")
-    if not tuple(c.eval.temperatures):
-        raise ValueError("config.eval.temperatures is empty; give at least one decoding temperature (0 = greedy)")
-    eval_samplers(c)  # temperatures >= 0, top-k, top-p
-    if c.eval.num_prompts < 1 or c.eval.batch_size < 1 or c.eval.num_prompts % c.eval.batch_size:
-        raise ValueError(f"config.eval.num_prompts={c.eval.num_prompts} must be a positive multiple of "
-                         f"config.eval.batch_size={c.eval.batch_size} (every evaluation batch has one static shape)")
-    if c.eval.max_new_tokens < 1 or c.eval.timing_repeats < 0:
-        raise ValueError("config.eval.max_new_tokens must be >= 1 and config.eval.timing_repeats >= 0")
-    return stages
+    checks.check_fields(c)  # every field, in one message form
+    # The objects built from the config check themselves too: a backstop for whatever the above misses.
+    train_config(c), generator_spec(c), eval_samplers(c)
+    positions = checks.known_max_positions(c)  # hub ids: checked in prepare, once converted
+    if positions is not None:
+        checks.check_positions(c, *positions)
+    return parse_stages(c.stages)
 
 
 def check_mesh(c: ConfigDict, mesh) -> None:
@@ -175,15 +140,9 @@ def _cache_name(source: str, param_dtype: str) -> str:
 
 
 def _converted(source: str, param_dtype: str, cache: wd.epath.Path, mesh) -> str:
-    """Orbax folder of a HF checkpoint, converted on first use (with its tokenizer files)."""
-    out = cache / _cache_name(source, param_dtype)
-    if (out / convert.ORBAX_CONFIG).exists():
-        logging.info("using the converted %s in %s", source, out)
-        return str(out)
-    print(f"[prepare] converting {source} to Orbax in {out}", flush=True)
-    # The loader resolves hub ids itself: the local HF cache first, then the Hub (with one early probe).
-    convert.convert_hf_to_orbax(source, str(out), dtype=param_dtype, mesh=mesh)
-    return str(out)
+    """Orbax folder of a HF checkpoint (with its tokenizer files), converted on first use and again
+    whenever its source changed (model_sources: hub revision, or the local folder's fingerprint)."""
+    return model_sources.converted(source, param_dtype, cache / _cache_name(source, param_dtype), mesh)
 
 
 def _load_tokenizer(c: ConfigDict, target_dir: str, tiny_tokenizer: str | None):
@@ -235,6 +194,9 @@ def prepare(c: ConfigDict, workdir: str, mesh) -> Models:
         target_dir = _converted(c.target.model, c.target.param_dtype, cache, mesh)
         draft_dir = _converted(c.draft.model, c.draft.param_dtype, cache, mesh)
     target_cfg, draft_cfg = (json.loads(wd.path(d, convert.ORBAX_CONFIG).read_text()) for d in (target_dir, draft_dir))
+    positions = [cfg.get("max_position_embeddings", qwen3.Qwen3Config.max_position_embeddings)
+                 for cfg in (target_cfg, draft_cfg)]
+    checks.check_positions(c, min(positions), f"target {positions[0]}, draft {positions[1]}")  # before loading
     for key in ("vocab_size", "num_real_tokens"):
         if target_cfg.get(key) != draft_cfg.get(key):
             raise ValueError(f"draft and target vocabularies differ ({key}: draft {draft_cfg.get(key)}, target "
@@ -276,21 +238,14 @@ def _items_from_json(obj: dict) -> list[pipeline.Tokenized]:
             for p, r in zip(obj["prompts"], obj["responses"])]
 
 
-def build_data(c: ConfigDict, workdir: str, models: Models, mesh) -> None:
-    """Tokenised train and eval data, and target-generated responses when the generator needs them."""
+def build_data(c: ConfigDict, workdir: str, models: Models, mesh,
+               examples: tuple[list[dict], list[dict]] | None = None) -> None:
+    """Tokenised train and eval data, and target-generated responses when the generator needs them.
+    `examples`: the (training, evaluation) rows of checks.load_examples, loaded and checked before the
+    models (loaded here when not given)."""
     d = c.data
-    limit = None if d.num_train_examples < 0 else d.num_train_examples
     task = tasks.get_task(d.task)
-    examples = sources.load(d.source, d.name, d.config_name, d.split, d.data_dir, limit)
-    if d.eval_split:
-        eval_examples = sources.load(d.source, d.name, d.config_name, d.eval_split, d.data_dir, c.eval.num_prompts)
-    else:  # hold out eval.num_prompts examples of the training split, chosen by the seed
-        order = np.random.default_rng([c.seed, 1]).permutation(len(examples))
-        held = set(order[: c.eval.num_prompts].tolist())
-        eval_examples = [examples[i] for i in sorted(held)]
-        examples = [ex for i, ex in enumerate(examples) if i not in held]
-    if len(eval_examples) < c.eval.num_prompts:
-        raise ValueError(f"only {len(eval_examples)} evaluation prompts, config.eval.num_prompts={c.eval.num_prompts}")
+    examples, eval_examples = examples or checks.load_examples(c)
     kwargs = dict(max_prompt_len=d.max_prompt_len, max_response_len=d.max_response_len, chat=d.chat,
                   enable_thinking=d.enable_thinking)
     train_items = pipeline.tokenize(examples, task, models.tokenizer, **kwargs)
@@ -348,11 +303,16 @@ def evaluate(c: ConfigDict, workdir: str, models: Models, draft: qwen3.Qwen3, me
     samplers = eval_samplers(c)
     progress = Progress(stage, len(samplers) * len(c.eval.gammas), unit="γ")
     rows = []
+    gammas = [int(g) for g in c.eval.gammas]
+    measure_time = c.eval.timing_repeats > 0
+    # Step costs (c, verify) do not depend on the sampler: measured once for every temperature.
+    costs = ev.step_costs(models.target, draft, batches, gammas, c.eval.max_new_tokens,
+                          c.eval.timing_repeats) if measure_time else None
     for i, sampler in enumerate(samplers):
         rng = jax.random.fold_in(jax.random.key(c.seed), 100 + i)
-        sweep = ev.gamma_sweep(models.target, draft, batches, [int(g) for g in c.eval.gammas], c.eval.max_new_tokens,
+        sweep = ev.gamma_sweep(models.target, draft, batches, gammas, c.eval.max_new_tokens,
                                sampler, rng, eos_ids=models.eos_ids, runs=c.eval.timing_repeats,
-                               measure_time=c.eval.timing_repeats > 0, analytic=c.eval.analytic,
+                               measure_time=measure_time, analytic=c.eval.analytic, costs=costs,
                                on_gamma=lambda g, t=sampler.temperature: progress.update(note=f"T={t} γ={g}"))
         rows += sweep
     progress.done()
@@ -400,8 +360,13 @@ def distill(c: ConfigDict, workdir: str, models: Models, mesh) -> bool:
         reference = ref_distiller.draft_model(ref.state.params)
     distiller = train.Distiller(cfg, models.draft, models.target if cfg.loss_spec().uses_target else None, mesh,
                                 reference=reference)
-    result = train.run(cfg, distiller, source, wd.path(workdir), stage="distill", wandb_config=c.to_dict(),
-                       **tracking)
+    try:
+        result = train.run(cfg, distiller, source, wd.path(workdir), stage="distill", wandb_config=c.to_dict(),
+                           **tracking)
+    except train.NonFiniteLossError as err:
+        raise train.NonFiniteLossError(
+            f"{err} To rerun with a lower learning rate on this workdir: --config.distill.learning_rate="
+            f"{c.distill.learning_rate / 10:g} --config.resume_with_changes=distill.learning_rate") from None
     if result.preempted:
         return False
     distilled = distiller.draft_model(result.state.params)
@@ -487,8 +452,6 @@ def report(c: ConfigDict, workdir: str) -> dict[str, Any]:
     res = results(c, workdir)
     wd.write_json(wd.path(workdir, STAGE_FILES["report"]), res)
     if c.tracking.wandb:
-        from distillspec_jax import tracking
-
         tracking.upload_files(str(wd.path(workdir)), [STAGE_FILES["report"], "metrics.jsonl", wd.CONFIG_FILE],
                               project=c.tracking.project, run_name=c.tracking.run_name or res["run"]["name"],
                               config=c.to_dict(), entity=c.tracking.entity, tags=tuple(c.tracking.tags))
@@ -509,16 +472,37 @@ def report(c: ConfigDict, workdir: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def run(c: ConfigDict, workdir: str) -> dict[str, Any] | None:
-    """Runs the configured stages in order; returns results.json's content (None if stopped early)."""
+def run(c: ConfigDict, workdir: str, observe: Callable[[str], AbstractContextManager] | None = None
+        ) -> dict[str, Any] | None:
+    """Runs the configured stages in order; returns results.json's content (None when the report stage is
+    not among them). Raises errors.Preempted when stopped on request (rerun to resume).
+
+    observe(stage), when given, is a context manager entered around each stage that runs (benchmarks time
+    and measure stages with it: bench/rehearsal.py).
+    """
     stages = validate(c)
+    wd.check_writable(workdir)  # a file in the way, permissions, a read-only or virtual filesystem
+    wd.check_ours(workdir, OWNED, c.overwrite)  # before anything is written or deleted
     shd.maybe_initialize_distributed(c.distributed)
     mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     check_mesh(c, mesh)
+    with lease.WorkdirLock(str(wd.path(workdir))):  # one run at a time (process 0 holds it)
+        return _run_stages(c, workdir, stages, mesh, observe or (lambda stage: contextlib.nullcontext()))
+
+
+def _run_stages(c: ConfigDict, workdir: str, stages: tuple[str, ...], mesh,
+                observe: Callable[[str], AbstractContextManager]) -> dict[str, Any] | None:
     config = wd.redact(c.to_dict())
-    if wd.check_config(workdir, config, c.overwrite):
+    wd.write_marker(workdir)
+    # Data errors come before any model loads, and before config.json: a run refused for its data can be
+    # rerun with the data fixed, without the config guard objecting to the changed data fields.
+    examples = None
+    if "data" in stages and not wd.path(workdir, STAGE_FILES["data"]).exists():
+        examples = checks.load_examples(c)
+    allowed = [f.strip() for f in c.resume_with_changes.split(",") if f.strip()]
+    if wd.check_config(workdir, config, c.overwrite, allowed):
         print(f"[run] config changed and overwrite=True: discarding the earlier outputs in {workdir}", flush=True)
-        wd.discard_outputs(workdir)
+        wd.discard_outputs(workdir, OWNED, keep=(MODELS_DIR, wd.MARKER_FILE, lease.LOCK_FILE))
     wd.write_json(wd.path(workdir, wd.CONFIG_FILE), config)
     # Process 0 discards and writes; every host then decides which stages are done from the same files
     # (the workdir must be shared: gs:// or a shared filesystem).
@@ -529,20 +513,30 @@ def run(c: ConfigDict, workdir: str) -> dict[str, Any] | None:
     print(f"[run] workdir {wd.path(workdir)}; stages {','.join(stages)}; already done: "
           f"{','.join(sorted(done & set(stages))) or 'none'}", flush=True)
     needs_models = any(s in todo for s in ("prepare", "data", "eval_before", "distill", "eval_after"))
-    models = prepare(c, workdir, mesh) if needs_models else None
+    models = None
+    if needs_models:
+        with observe("prepare"):
+            models = prepare(c, workdir, mesh)
     if "data" in todo:
-        build_data(c, workdir, models, mesh)
+        with observe("data"):
+            build_data(c, workdir, models, mesh, examples)
         shd.barrier("distillspec:data")  # every host reads what process 0 wrote
     if "eval_before" in todo:
-        wd.write_json(wd.path(workdir, STAGE_FILES["eval_before"]),
-                      evaluate(c, workdir, models, models.draft, mesh, "eval_before"))
+        with observe("eval_before"):
+            wd.write_json(wd.path(workdir, STAGE_FILES["eval_before"]),
+                          evaluate(c, workdir, models, models.draft, mesh, "eval_before"))
     if "distill" in todo:
-        if not distill(c, workdir, models, mesh):
+        with observe("distill"):
+            finished = distill(c, workdir, models, mesh)
+        if not finished:
             print("[run] stopped on request after saving a checkpoint; rerun the same command to resume", flush=True)
-            return None
+            raise Preempted("distillation stopped on request; its checkpoint is in "
+                            f"{wd.path(workdir, train.CHECKPOINT_DIR)}")
     if "eval_after" in todo:
-        wd.write_json(wd.path(workdir, STAGE_FILES["eval_after"]),
-                      evaluate(c, workdir, models, distilled_draft(c, workdir, mesh), mesh, "eval_after"))
+        with observe("eval_after"):
+            wd.write_json(wd.path(workdir, STAGE_FILES["eval_after"]),
+                          evaluate(c, workdir, models, distilled_draft(c, workdir, mesh), mesh, "eval_after"))
     if "report" in todo:
-        return report(c, workdir)
+        with observe("report"):
+            return report(c, workdir)
     return None

@@ -30,6 +30,7 @@ LOGICAL_RULES: dict[str, str | None] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "norm": None,
+    "layers": None,  # the stacked layer dimension: the scan over layers walks it on every device
 }
 
 
@@ -179,6 +180,25 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def all_processes_agree(flag: bool) -> bool:
+    """True when `flag` is True on every process (every process must call it); `flag` on one process."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray([bool(flag)]))))
+
+
+def from_process_0(flag: bool) -> bool:
+    """Process 0's `flag` on every process (every process must call it): one decision for all hosts,
+    e.g. from files that each host sees with its own timestamps."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(flag))))
 
 
 def place(tree, shardings):

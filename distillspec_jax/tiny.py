@@ -28,6 +28,7 @@ from flax import nnx
 from distillspec_jax import sharding as shd
 from distillspec_jax import train
 from distillspec_jax.data import sources
+from distillspec_jax.errors import Preempted
 from distillspec_jax.models import convert, qwen3
 from distillspec_jax.tokenizer import train_small_tokenizer
 
@@ -93,6 +94,8 @@ def _pretrain(model: qwen3.Qwen3, sequences: np.ndarray, steps: int, tiny_cfg: d
 
     distiller = train.Distiller(cfg, model, None, mesh)
     result = train.run(cfg, distiller, batches, workdir, stage=stage)
+    if result.preempted:  # a half pre-trained model must not be cached as built; a rerun resumes it
+        raise Preempted(f"stopped on request while pre-training the tiny model ({stage}); its checkpoint is saved")
     return distiller.draft_model(result.state.params)
 
 

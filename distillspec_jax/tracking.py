@@ -4,7 +4,7 @@ Only process 0 writes. Lines are appended and flushed one by one, so a crash los
 being written. Object stores cannot append, so on a gs:// workdir the file is rewritten whole at each
 log line (it stays small: one line per `log_every` steps). On resume, lines of steps after the restored checkpoint are dropped first: those
 steps are about to be recomputed, and the file then holds each step once, from the run that the
-checkpoints continue.
+checkpoints continue. A torn last line (a crash mid-write) is dropped then too, with a warning.
 
 W&B runs offline (files under `workdir/wandb`, `wandb sync` later) when no API key is available
 (neither WANDB_API_KEY nor a `wandb login` entry in ~/.netrc), and says so once per process. A resumed
@@ -62,13 +62,21 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def truncate_after(path: str | os.PathLike, step: int) -> int:
-    """Rewrites metrics.jsonl keeping only records with record['step'] <= step (atomically); returns
-    how many records were dropped."""
-    if not epath.Path(path).exists():
+    """Repairs metrics.jsonl for a run resuming after `step`: keeps only records with record['step'] <=
+    step, and drops a torn line (a crash mid-write leaves a fragment, or a record without its newline,
+    which the next append would otherwise join). Rewrites the file atomically when anything is dropped;
+    returns how many parsed records were dropped."""
+    path = epath.Path(path)
+    if not path.exists():
         return 0
+    text = path.read_text()
     records = read_metrics(path)
     kept = [r for r in records if r.get("step", 0) <= step]
-    if len(kept) < len(records):
+    unreadable = sum(1 for line in text.splitlines() if line.strip()) - len(records)
+    unterminated = bool(text) and not text.endswith("\n")  # the next append would join this line
+    if unreadable:
+        logging.warning("%s: dropped %d torn line(s) on resume (a crash while a line was written)", path, unreadable)
+    if len(kept) < len(records) or unreadable or unterminated:
         files.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
     return len(records) - len(kept)
 

@@ -45,11 +45,13 @@ from distillspec_jax import divergences as dv
 from distillspec_jax import sharding as shd
 from distillspec_jax import tracking
 from distillspec_jax import workdir as wd
+from distillspec_jax.errors import Preempted, UserError
 from distillspec_jax.models import qwen3
 from distillspec_jax.progress import Progress
 
 BATCH_KEYS = ("tokens", "loss_mask")
 CHECKPOINT_DIR = "checkpoints"
+CORRUPT_PREFIX = "corrupt-"  # checkpoints/corrupt-<step>: a checkpoint that did not restore, kept aside
 
 Params = dict[str, Any]  # nested dict of arrays, nnx.to_pure_dict layout
 Batch = dict[str, Any]
@@ -111,9 +113,16 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
         decay_steps=cfg.total_steps, end_value=cfg.learning_rate * cfg.end_lr_fraction)
 
 
+def is_matrix(shape: tuple[int, ...], path: tuple) -> bool:
+    """Whether a parameter is a matrix (an embedding or a projection) rather than a norm's scale vector;
+    parameters under `layers` carry the stacked layer dimension in front."""
+    stacked = any(getattr(k, "key", k) == qwen3.LAYERS_AXIS for k in path)
+    return len(shape) - stacked >= 2
+
+
 def _decay_mask(params: Params) -> Params:
     # Decay matrices (embeddings, projections); norm weights are scales around 1 and are not decayed.
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
+    return jax.tree_util.tree_map_with_path(lambda path, x: is_matrix(x.shape, path), params)
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -172,6 +181,8 @@ class Distiller:
             qwen3.check_same_vocabulary(draft.cfg, reference.cfg, "reference draft", "AdaSPEC's loss gap")
         self.draft_cfg = draft.cfg
         self.real_vocab_size = draft.cfg.real_vocab_size
+        # RoPE would run past the positions the models were trained for without any error: refuse it.
+        self.max_positions = min(m.cfg.max_position_embeddings for m in (draft, target, reference) if m is not None)
         self.draft_graphdef, draft_state = nnx.split(draft)
         self._initial_params: Params | None = nnx.to_pure_dict(draft_state)
         self.params_shardings: Params = nnx.to_pure_dict(shd.state_shardings(draft_state, mesh))
@@ -239,6 +250,10 @@ class Distiller:
         shape = tuple(batch["tokens"].shape)
         if len(shape) != 2 or tuple(batch["loss_mask"].shape) != shape:
             raise ValueError(f"tokens and loss_mask must both be [B, T]; got {shape} and {tuple(batch['loss_mask'].shape)}")
+        if shape[1] > self.max_positions:
+            raise ValueError(f"batches of {shape[1]} positions exceed the models' max_position_embeddings="
+                             f"{self.max_positions}; shorten the sequences (in main.py: data.max_prompt_len, "
+                             "data.max_response_len or generator.max_new_tokens)")
         qwen3.check_token_ids(self.draft_cfg, batch["tokens"], "the batch's tokens")
         accum = self.cfg.grad_accum_steps
         if shape[0] % accum:
@@ -356,12 +371,25 @@ class Distiller:
 # ----------------------------------------------------------------------------------------------
 
 
+class CheckpointError(UserError):
+    """No checkpoint of the workdir can be restored."""
+
+
+class Restored(NamedTuple):
+    step: int
+    state: TrainState
+    data_position: int
+    rng: jax.Array
+    metrics: dict[str, float]  # the metrics of the checkpoint's last step ({} for older checkpoints)
+
+
 class Checkpointer:
     """Orbax CheckpointManager over `workdir/checkpoints`: parameters and optimizer state (sharded
-    arrays, written by their owners), plus step, data position and the RNG key (JSON). Orbax writes
-    each step into a temporary folder and renames it when complete, so a crash never leaves a
-    half-written checkpoint that resume would pick. Every process must create it and call save and
-    restore together (they synchronise)."""
+    arrays, written by their owners), plus step, data position, the RNG key and the last step's metrics
+    (JSON). Orbax writes each step into a temporary folder and renames it when complete, so a crash never
+    leaves a half-written checkpoint that resume would pick. A checkpoint damaged afterwards (a
+    truncated file, a deleted folder) is caught by `restore_newest`, which tries it and falls back.
+    Every process must create it and call save and restore together (they synchronise)."""
 
     def __init__(self, workdir: str | os.PathLike, keep: int):
         import orbax.checkpoint as ocp
@@ -375,21 +403,24 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: TrainState, data_position: int, rng: jax.Array) -> None:
+    def save(self, step: int, state: TrainState, data_position: int, rng: jax.Array,
+             metrics: dict[str, float] | None = None) -> None:
         if step in self.manager.all_steps():
             return
         ocp = self._ocp
         meta = {"step": step, "data_position": data_position,
                 "rng": [int(x) for x in np.asarray(jax.random.key_data(rng)).reshape(-1)],
-                "rng_impl": str(jax.random.key_impl(rng))}
+                "rng_impl": str(jax.random.key_impl(rng)), "metrics": dict(metrics or {})}
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"params": state.params, "opt_state": state.opt_state}),
             meta=ocp.args.JsonSave(meta)), force=True)
 
     def restore(self, abstract: TrainState, step: int | None = None) -> tuple[int, TrainState, int, jax.Array]:
         """(step, state, data position, rng) of `step` (default: the latest)."""
+        return self._restore(abstract, self.latest_step() if step is None else step)[:4]
+
+    def _restore(self, abstract: TrainState, step: int) -> Restored:
         ocp = self._ocp
-        step = self.latest_step() if step is None else step
         target = {"params": abstract.params, "opt_state": abstract.opt_state}
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
@@ -397,7 +428,55 @@ class Checkpointer:
         key_data = np.asarray(meta["rng"], np.uint32).reshape(jax.random.key_data(jax.random.key(0)).shape)
         rng = jax.random.wrap_key_data(key_data, impl=meta["rng_impl"])
         state = TrainState(restored.state["params"], restored.state["opt_state"])
-        return int(meta["step"]), state, int(meta["data_position"]), rng
+        return Restored(int(meta["step"]), state, int(meta["data_position"]), rng, dict(meta.get("metrics") or {}))
+
+    def restore_newest(self, abstract: TrainState) -> Restored | None:
+        """The newest checkpoint that restores (None when there is none at all).
+
+        Each checkpoint is tried, newest first. One that fails (a truncated data file, a missing
+        meta/metadata or state/) is reported, moved aside to `checkpoints/corrupt-<step>` (kept for a
+        post-mortem; Orbax ignores it) and the next older one is tried. Every host must restore the same
+        step, so a checkpoint counts as good only when it restores on all of them. When none restores,
+        CheckpointError names the folder and the choices.
+        """
+        if not self.manager.all_steps():
+            return None
+        tried = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored, error = self._restore(abstract, step), None
+            except Exception as err:  # noqa: BLE001 - Orbax and TensorStore raise many types for bad files
+                if _transient(err):
+                    raise  # the storage, not the checkpoint: moving it aside would lose a good one
+                restored, error = None, err
+            if shd.all_processes_agree(error is None):
+                if tried:
+                    print(f"[checkpoint] resuming from step {step}, the newest checkpoint that restores", flush=True)
+                return restored
+            reason = "on another host" if error is None else f"{type(error).__name__}: {_first_line(error)}"
+            aside = self._move_aside(step)
+            message = f"checkpoint step {step} in {self.directory} is unreadable ({reason}); moved it to {aside}"
+            logging.error("%s", message)
+            print(f"[checkpoint] {message}", flush=True)
+            tried.append(step)
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} restores (steps {', '.join(map(str, tried))} are unreadable and were "
+            f"moved to corrupt-<step> there); fix: restore that folder from a backup, or delete "
+            f"{self.directory} (and the {tracking.METRICS_FILE} lines after step 0 go with it) to train from step 0, "
+            "or pass --config.overwrite=True to rerun the whole experiment")
+
+    def _move_aside(self, step: int) -> str:
+        """Renames step `step`'s folder to corrupt-<step> (process 0) and forgets it."""
+        target = self.directory / f"{CORRUPT_PREFIX}{step}"
+        if jax.process_index() == 0:
+            n = 1
+            while target.exists():
+                n += 1
+                target = self.directory / f"{CORRUPT_PREFIX}{step}.{n}"
+            (self.directory / str(step)).rename(target)
+        shd.barrier(f"distillspec:corrupt-{step}")
+        self.manager.reload()
+        return str(target)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -428,11 +507,25 @@ class LoopResult(NamedTuple):
     step: int  # optimizer steps done (the restored ones included)
     data_position: int  # batches consumed
     preempted: bool  # stopped by SIGTERM after saving a checkpoint
-    last_metrics: dict[str, float]  # metrics of the last step run by this call ({} if none)
+    last_metrics: dict[str, float]  # metrics of the last step (this call's, else the restored checkpoint's)
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """A step produced a NaN or infinite loss or gradient; the state of that step was not saved."""
+
+
+def _non_finite_message(step: int, host: dict[str, float], position: int, checkpointer: Checkpointer) -> str:
+    """What happened, and what a rerun does: resume from the newest checkpoint, or start again at step 0."""
+    checkpointer.wait()  # a save in flight counts: it completes before the loop's caller sees this error
+    latest = checkpointer.latest_step()
+    if latest is None:
+        where = (f"No checkpoint has been saved yet in {checkpointer.directory}: a rerun starts again from "
+                 "step 0")
+    else:
+        where = f"The newest checkpoint is step {latest} in {checkpointer.directory}: a rerun resumes from it"
+    return (f"non-finite loss at step {step}: loss={host['loss']} grad_norm={host['grad_norm']} (data position "
+            f"{position}). The state of this step was not saved. {where}. Lower the learning rate, or check the "
+            "data at that position.")
 
 
 class _StopSignal:
@@ -466,6 +559,23 @@ class _StopSignal:
         return bool(np.any(multihost_utils.process_allgather(np.asarray([self.requested]))))
 
 
+# TensorStore / gRPC status codes of failures of the storage or the machine rather than of the files.
+_TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED",
+                    "UNAUTHENTICATED", "CANCELLED", "ABORTED")
+
+
+def _transient(error: BaseException) -> bool:
+    if isinstance(error, (Preempted, MemoryError, ConnectionError, TimeoutError, PermissionError)):
+        return True
+    return any(code in str(error) for code in _TRANSIENT_CODES)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    # TensorStore appends its whole spec (a hundred lines) after this phrase: the line before it says it all.
+    return (lines[0] if lines else "").split(" See full TensorStore details")[0][:200]
+
+
 def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -484,8 +594,12 @@ def run(cfg: TrainConfig, distiller: Distiller, batches: BatchSource, workdir: s
     step; that state is never saved, so the last checkpoint stays the last good one.
     """
     checkpointer = Checkpointer(workdir, cfg.keep_checkpoints)
-    if checkpointer.latest_step() is not None:
-        step, state, position, rng = checkpointer.restore(distiller.abstract_state())
+    restored = checkpointer.restore_newest(distiller.abstract_state())
+    # The last step's metrics come from the checkpoint, not this process's memory: a run that resumes at
+    # its final checkpoint (killed before its caller wrote a summary) trains no step, yet reports them.
+    last_metrics: dict[str, float] = {}
+    if restored is not None:
+        step, state, position, rng, last_metrics = restored
         distiller.release_initial_params()
         logging.info("resumed from %s at step %d (data position %d)", checkpointer.directory, step, position)
     else:
@@ -496,7 +610,6 @@ def run(cfg: TrainConfig, distiller: Distiller, batches: BatchSource, workdir: s
                                     run_name=run_name, config=wandb_config or dataclasses.asdict(cfg),
                                     **(tracking_options or {}))
     progress = Progress(stage, cfg.total_steps, start=step)
-    last_metrics: dict[str, float] = {}
     preempted = False
     try:
         with _StopSignal() as stop:
@@ -504,7 +617,7 @@ def run(cfg: TrainConfig, distiller: Distiller, batches: BatchSource, workdir: s
             tokens_since_log, positions_since_log, time_since_log = 0.0, 0, time.perf_counter()
             while step < cfg.total_steps:
                 if stop.agreed():
-                    checkpointer.save(step, state, position, rng)
+                    checkpointer.save(step, state, position, rng, last_metrics)
                     preempted = True
                     logging.warning("stopped at step %d on request; checkpoint saved", step)
                     break
@@ -519,12 +632,7 @@ def run(cfg: TrainConfig, distiller: Distiller, batches: BatchSource, workdir: s
                 current["params"] = state.params
                 host = _host_metrics(metrics)  # one small transfer per step: the guard below needs it
                 if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {step + 1}: loss={host['loss']} grad_norm={host['grad_norm']} "
-                        f"(data position {position - 1}). The state of this step was not saved; the last good "
-                        f"checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}. Lower the "
-                        "learning rate, check the data at that position, or resume from that checkpoint."
-                    )
+                    raise NonFiniteLossError(_non_finite_message(step + 1, host, position - 1, checkpointer))
                 host["learning_rate"] = float(distiller.schedule(step))  # the rate this update used
                 step += 1
                 progress.update(note=f"loss {host['loss']:.4f}, acceptance {host['acceptance']:.3f}")
@@ -538,7 +646,7 @@ def run(cfg: TrainConfig, distiller: Distiller, batches: BatchSource, workdir: s
                                       "positions_per_s": positions_since_log / max(elapsed, 1e-9)})
                     tokens_since_log, positions_since_log, time_since_log = 0.0, 0, time.perf_counter()
                 if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-                    checkpointer.save(step, state, position, rng)
+                    checkpointer.save(step, state, position, rng, host)
             progress.done()
     finally:
         checkpointer.wait()  # a save in flight completes; nothing of a failed step is written

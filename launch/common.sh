@@ -3,6 +3,10 @@
 # shellcheck shell=bash
 
 DRY_RUN=0
+# main.py's exit status when it stopped on request (SIGTERM, preemption) after saving its state: rerunning
+# the same command resumes. 0 is finished, 1 failed (distillspec_jax/errors.py, docs/launch.md).
+# shellcheck disable=SC2034  # used by the scripts that source this file
+PREEMPTED_EXIT=75
 die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 2; }
 # Shell-quotes one word only when it needs it (and in --flag=VALUE only the value), so printed
 # commands stay readable and can be pasted into a shell.

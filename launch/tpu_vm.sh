@@ -40,6 +40,9 @@ Run:
   --workdir DIR              run directory: gs://BUCKET/DIR (shared by all workers; survives the
                              slice) or an absolute path on the workers (required)
   --detach                   start main.py under nohup on every worker and return at once
+  --max-reruns N             when main.py exits $PREEMPTED_EXIT (stopped with its state saved, e.g. a Spot
+                             preemption), make sure the slice is up and run again, up to N times
+                             (default: 3; 0 = never)
   --dry-run                  print every command (one per line, prefixed '[dry-run] ') and run nothing
   -h, --help                 this help
 
@@ -70,7 +73,7 @@ PYTHON_VERSION=3.11
 mode=launch  # launch (your machine) | worker-setup | worker-run (on each TPU worker)
 name="" zone="" project="" accelerator="" runtime="" spot=0 delete=0
 repo_url="" ref="" skip_setup=0 setup_only=0 detach=0
-config="" workdir="" tag=""
+config="" workdir="" tag="" max_reruns=3
 python_version=$PYTHON_VERSION
 main_args=()
 
@@ -94,6 +97,7 @@ while (($#)); do
     --config.*) main_args+=("$1"); shift ;;
     --workdir) need_value "$@"; workdir=$2; shift 2 ;;
     --detach) detach=1; shift ;;
+    --max-reruns) need_value "$@"; max_reruns=$2; shift 2 ;;
     --tag) need_value "$@"; tag=$2; shift 2 ;;  # internal: the run's log name, shared by all workers
     --worker-setup) mode=worker-setup; shift ;;
     --worker-run) mode=worker-run; shift ;;
@@ -171,6 +175,7 @@ esac
 if ((detach && delete)); then
   die "--detach and --delete do not go together: the slice would be deleted under the running job"
 fi
+[[ $max_reruns =~ ^[0-9]+$ ]] || die "--max-reruns needs a count >= 0, got '$max_reruns'"
 if [[ -n $ref && -z $repo_url ]]; then
   die "--ref needs --repo URL (without --repo, this checkout is copied as it is)"
 fi
@@ -204,6 +209,7 @@ create_tpu() {
 }
 
 ensure_tpu() {
+  created=0  # 1 when the slice is new (or started again): its workers need the code and the venv
   local describe=(gcloud compute tpus tpu-vm describe "$name" "${gcloud_args[@]}" "--format=value(state)")
   if ((DRY_RUN)); then
     run "${describe[@]}"
@@ -219,11 +225,16 @@ ensure_tpu() {
     case $state in
       READY) printf '%s: reusing TPU VM %s (READY)\n' "$PROG" "$name" >&2 ;;
       STOPPED) run gcloud compute tpus tpu-vm start "$name" "${gcloud_args[@]}" ;;
+      PREEMPTED)  # a Spot slice taken back: only deleting and creating it again brings it back
+        run gcloud compute tpus tpu-vm delete "$name" "${gcloud_args[@]}" --quiet
+        create_tpu
+        created=1 ;;
       *) die "TPU VM '$name' is $state; wait until it is READY, or delete it (gcloud compute tpus tpu-vm delete $name --zone=$zone) and rerun" ;;
     esac
   elif grep -qi 'not.found' "$err"; then
     rm -f "$err"
     create_tpu
+    created=1
   else
     cat "$err" >&2
     rm -f "$err"
@@ -264,10 +275,14 @@ ship_code() {
   on_workers "rm -rf $CODE_DIR && mkdir -p $CODE_DIR && tar -xzf distillspec-code.tgz -C $CODE_DIR && rm -f distillspec-code.tgz"
 }
 
-ensure_tpu
-if ((!skip_setup)); then
+setup_workers() {
   ship_code
   on_workers "bash $CODE_DIR/launch/tpu_vm.sh --worker-setup --python-version=$(quote "$python_version")"
+}
+
+ensure_tpu
+if ((!skip_setup)); then
+  setup_workers
 fi
 if ((setup_only)); then
   exit 0
@@ -285,6 +300,17 @@ if ((detach)); then
     "$name" "$(show "${gcloud_args[@]}")" "$(quote "tail -f $LOGS_DIR/$tag-*.log")"
 else
   on_workers "$worker_cmd" || status=$?
+  # PREEMPTED_EXIT: main.py saved its state and stopped (SIGTERM: a Spot preemption, a maintenance event).
+  # Running the same command again resumes it; a slice that had to be recreated gets the code first.
+  reruns=0
+  while ((status == PREEMPTED_EXIT && reruns < max_reruns)); do
+    reruns=$((reruns + 1))
+    printf '%s: main.py stopped with its state saved (exit %d); rerun %d of %d\n' "$PROG" "$status" "$reruns" "$max_reruns" >&2
+    ensure_tpu
+    if ((created)); then setup_workers; fi
+    status=0
+    on_workers "$worker_cmd" || status=$?
+  done
 fi
 if ((delete)); then
   run gcloud compute tpus tpu-vm delete "$name" "${gcloud_args[@]}" --quiet

@@ -42,11 +42,10 @@ def make_draft(seed: int = 0, cfg: qwen3.Qwen3Config = DRAFT_CFG, layer_scale: f
     are so small that tokens influence other positions only faintly)."""
     model = qwen3.init_model(cfg, seed)
     if layer_scale != 1.0:
-        for layer in model.layers:
-            for module in (layer.attn, layer.mlp):
-                for value in vars(module).values():
-                    if isinstance(value, nnx.Param) and value[...].ndim >= 2:
-                        value[...] = value[...] * layer_scale
+        for module in (model.layers.attn, model.layers.mlp):  # stacked [L, ...]: matrices have ndim >= 3
+            for value in vars(module).values():
+                if isinstance(value, nnx.Param) and value[...].ndim >= 3:
+                    value[...] = value[...] * layer_scale
     return model
 
 

@@ -111,3 +111,11 @@ def test_report_renders_every_stored_result(capsys):
     report.main(paths)
     out = capsys.readouterr().out
     assert out.count("<!-- ") == len(paths) and "| B | op time / step |" in out
+
+
+def test_gpu_check_script_passes_shellcheck():
+    from tests.test_launch import _shellcheck
+
+    result = subprocess.run([_shellcheck(), "--shell=bash", "--severity=style", "bench/gpu_check.sh"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout

@@ -84,8 +84,8 @@ def test_sharded_load_on_8_devices_equals_one_device(tiny_checkpoints, tmp_path,
     src = tiny_checkpoints["untied_gqa"]
     mesh = shd.make_mesh(*mesh_shape)
     sharded = convert.load_hf(src, mesh=mesh)
-    gate = sharded.layers[0].mlp.gate_proj[...]
-    assert gate.sharding.spec == shd.logical_to_spec(("embed", "mlp"), gate.shape, mesh)
+    gate = sharded.layers.mlp.gate_proj[...]
+    assert gate.sharding.spec == shd.logical_to_spec(("layers", "embed", "mlp"), gate.shape, mesh)
     assert len(gate.sharding.device_set) == 8
     tokens = jnp.asarray(np.random.RandomState(2).randint(0, TINY_BASE["vocab_size"], (8, 7)))
     single = np.asarray(convert.load_hf(src)(tokens))
@@ -96,7 +96,7 @@ def test_sharded_load_on_8_devices_equals_one_device(tiny_checkpoints, tmp_path,
     # Orbax restore straight onto the same mesh keeps the shardings.
     convert.save_orbax(sharded, tmp_path / "ckpt")
     restored = convert.load_orbax(tmp_path / "ckpt", mesh=mesh)
-    assert restored.layers[0].mlp.gate_proj[...].sharding == gate.sharding
+    assert restored.layers.mlp.gate_proj[...].sharding == gate.sharding
 
 
 def test_cli_converts_both_directions(tiny_checkpoints, tmp_path):
@@ -188,3 +188,23 @@ def test_safetensors_reader_handles_bfloat16(tmp_path):
     with safe_open(str(tmp_path / "x.safetensors"), framework="numpy") as f:
         assert np.array_equal(f.get_tensor("y"), np.ones((2,), np.int64))
     assert qwen3.resolve_dtype("bfloat16") == jnp.bfloat16
+
+
+def test_orbax_folder_written_before_layers_were_stacked_still_loads(tiny_checkpoints, tmp_path):
+    """Converted folders in users' model caches hold one parameter subtree per layer and a `remat` config
+    field; they load into the stacked model with the same logits."""
+    import dataclasses
+
+    import orbax.checkpoint as ocp
+
+    model = convert.load_hf(tiny_checkpoints["untied_gqa"])
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    num_layers = model.cfg.num_hidden_layers
+    pure["layers"] = {str(i): jax.tree.map(lambda x, i=i: np.asarray(x[i]), pure["layers"]) for i in range(num_layers)}
+    old = tmp_path / "old"
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(old / convert.ORBAX_PARAMS, pure)
+    (old / convert.ORBAX_CONFIG).write_text(json.dumps({**dataclasses.asdict(model.cfg), "remat": True}))
+    restored = convert.load_orbax(old)
+    tokens = jnp.asarray(np.random.RandomState(5).randint(0, TINY_BASE["vocab_size"], (2, 9)))
+    np.testing.assert_array_equal(np.asarray(restored(tokens)), np.asarray(model(tokens)))

@@ -7,8 +7,11 @@ import pathlib
 import numpy as np
 import pytest
 
+from configs import jsd
+from distillspec_jax import checks
 from distillspec_jax.data import pipeline, sources, tasks
 from distillspec_jax.tokenizer import offline_qwen3_tokenizer
+from tests.conftest import run_main
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +236,71 @@ def test_fixed_responses_required_for_sequences():
     items = [pipeline.Tokenized(np.array([1, 2], np.int32), None)] * 4
     with pytest.raises(ValueError, match="needs responses"):
         pipeline.Batcher(items, global_batch=2, seed=0, pad_id=0).sequences(0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data errors come before any model loads, naming the file, row, line and field (checks.load_examples)
+# ------------------------------------------------------------------------------------------------
+
+
+def _jsonl_config(path):
+    c = jsd.get_config("test")
+    c.data.update(source="jsonl", name=str(path), eval_split="")
+    return c
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"prompt": f"def f{i}():\n", "canonical_solution": f"    return {i}\n"} for i in range(n)]
+
+
+def _write_jsonl(path, rows, blank_after: int | None = None):
+    lines = [json.dumps(r) for r in rows]
+    if blank_after is not None:
+        lines.insert(blank_after, "")
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_an_empty_source_says_empty(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(sources.DataSourceError, match=r"empty\.jsonl is empty \(0 rows\)"):
+        checks.load_examples(_jsonl_config(path))
+
+
+def test_a_row_without_its_field_is_named_by_row_and_line(tmp_path):
+    rows = _rows(20)
+    rows[6] = {"question": "what?"}  # row 7; a blank line before it puts it on line 8
+    path = _write_jsonl(tmp_path / "rows.jsonl", rows, blank_after=2)
+    with pytest.raises(sources.DataSourceError, match=r"rows\.jsonl, row 7 \(line 8\): no field 'prompt' "
+                                                      r"\(found fields: question\); task 'humaneval'"):
+        checks.load_examples(_jsonl_config(path))
+    rows[6] = {"prompt": 5, "canonical_solution": "x"}  # there, but not text
+    with pytest.raises(sources.DataSourceError, match="row 7 .*field 'prompt' holds int 5, not text"):
+        checks.load_examples(_jsonl_config(_write_jsonl(tmp_path / "rows.jsonl", rows)))
+
+
+def test_too_few_rows_for_evaluation_and_a_batch(tmp_path):
+    c = _jsonl_config(_write_jsonl(tmp_path / "few.jsonl", _rows(12)))
+    with pytest.raises(sources.DataSourceError, match=r"has 12 rows, fewer than the eval.num_prompts=8 .* "
+                                                      r"distill.batch_size=8"):
+        checks.load_examples(c)
+    train, held_out = checks.load_examples(_jsonl_config(_write_jsonl(tmp_path / "ok.jsonl", _rows(16))))
+    assert (len(train), len(held_out)) == (8, 8)
+
+
+def test_a_line_that_is_not_an_object_is_an_error(tmp_path):
+    path = tmp_path / "list.jsonl"
+    path.write_text('{"prompt": "a"}\n[1, 2]\n')
+    with pytest.raises(sources.DataSourceError, match=r"line 2 is a JSON list, not an object"):
+        sources.jsonl(str(path))
+
+
+def test_main_reports_a_bad_row_before_loading_any_model(tmp_path):
+    rows = _rows(20)
+    rows[3] = {"text": "no prompt here"}
+    path = _write_jsonl(tmp_path / "bad.jsonl", rows)
+    proc = run_main(tmp_path / "w", "--config.data.source=jsonl", f"--config.data.name={path}",
+                    "--config.data.eval_split=", check=False)
+    assert proc.returncode == 1 and "row 4 (line 4): no field 'prompt'" in proc.stderr, proc.stderr[-2000:]
+    assert "[prepare]" not in proc.stdout and "Traceback" not in proc.stderr

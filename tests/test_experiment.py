@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import jsd
-from distillspec_jax import experiment
+from distillspec_jax import checks, errors, experiment, lease, model_sources
 from distillspec_jax import workdir as wd
 from tests.conftest import run_main
 from tests.tiny import write_hf_checkpoint
@@ -128,7 +128,9 @@ def test_interrupted_run_resumes_to_the_same_results(pipeline_workdir, tmp_path)
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
+    # Stopped with its checkpoint saved: the documented exit status that the launch scripts requeue on
+    # (before issue #14 it was 0, which looked like a finished run).
+    assert proc.returncode == errors.EXIT_PREEMPTED, stderr[-3000:]
     assert "rerun the same command to resume" in stdout
     assert not (workdir / "results.json").exists()
     stopped_at = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
@@ -169,6 +171,11 @@ def test_unknown_config_key_is_an_error(tmp_path):
     proc = run_main(tmp_path / "w", "--config.distill.no_such_field=1", check=False)
     assert proc.returncode != 0 and "no_such_field" in proc.stderr
     assert not (tmp_path / "w").exists()  # nothing was written
+    # One line naming the closest field, not ml_collections' chained traceback.
+    proc = run_main(tmp_path / "w", "--config.distill.learning_rat=1", check=False)
+    assert proc.stderr.strip().splitlines() == [
+        "main.py: error: --config.distill.learning_rat: no such config field 'learning_rat'; fix: "
+        "--config.distill.learning_rate (did you mean it? every field, with its comment: configs/common.py)"]
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -258,3 +265,127 @@ def test_tiny_models_of_a_gs_workdir_are_cached_locally(monkeypatch, tmp_path):
     assert str(experiment.model_cache(tiny_cfg, str(tmp_path / "run"))) == str(tmp_path / "run" / "models")
     real = jsd.get_config("")
     assert str(experiment.model_cache(real, "gs://bucket/run")) == "gs://bucket/run/models"
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults and bad inputs (issue #14)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_every_config_field_is_validated():
+    c = jsd.get_config("test")
+    assert set(checks.all_fields(c)) <= checks.check_fields(c)
+
+
+def test_a_feature_that_is_off_still_has_its_fields_checked():
+    c = jsd.get_config("test")
+    assert c.generator.kind != "mix"
+    c.generator.mix_lambda = 2.0
+    with pytest.raises(errors.ConfigError) as info:
+        experiment.validate(c)
+    assert str(info.value) == ("config.generator.mix_lambda = 2.0: must be a number in [0, 1]; fix: "
+                               "--config.generator.mix_lambda=0.5")
+
+
+def test_sequences_past_the_models_positions_are_refused_before_anything_loads(tmp_path):
+    from distillspec_jax import tiny
+
+    c = jsd.get_config("test")
+    c.generator.kind, c.data.max_prompt_len = "fixed", tiny.TINY_MAX_POSITIONS
+    with pytest.raises(errors.ConfigError, match=r"config.data.max_prompt_len = 4096: must be small enough that "
+                                                 r"training .* max_position_embeddings=4096 .*fix: lower "
+                                                 r"data.max_prompt_len or data.max_response_len"):
+        experiment.validate(c)
+    c = jsd.get_config("test")
+    c.eval.max_new_tokens = tiny.TINY_MAX_POSITIONS
+    with pytest.raises(errors.ConfigError, match=r"config.eval.max_new_tokens .* evaluation .*eval.gammas"):
+        experiment.validate(c)
+    proc = run_main(tmp_path / "w", "--config.generator.kind=fixed", "--config.data.max_prompt_len=5000",
+                    check=False)
+    assert proc.returncode == 1 and "max_position_embeddings=4096" in proc.stderr
+    assert "[prepare]" not in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_a_checkpoint_replaced_at_the_same_path_is_converted_again(tmp_path, capsys):
+    import json as json_
+
+    from distillspec_jax import sharding as shd
+
+    mesh = shd.make_mesh(-1, 1, 1)
+    source, cache = tmp_path / "ckpt", wd.path(tmp_path / "models")
+    write_hf_checkpoint(source, seed=0, vocab_size=384)
+    out = experiment._converted(str(source), "float32", cache, mesh)
+    vocab = lambda: json_.loads(wd.path(out, "qwen3_config.json").read_text())["vocab_size"]  # noqa: E731
+    assert vocab() == 384
+    stamp = (pathlib.Path(out) / "qwen3_config.json").stat().st_mtime_ns
+    experiment._converted(str(source), "float32", cache, mesh)  # unchanged: reused
+    assert (pathlib.Path(out) / "qwen3_config.json").stat().st_mtime_ns == stamp
+    import shutil
+
+    shutil.rmtree(source)
+    write_hf_checkpoint(source, seed=1, vocab_size=512)  # another checkpoint, same path
+    capsys.readouterr()
+    assert experiment._converted(str(source), "float32", cache, mesh) == out
+    assert vocab() == 512
+    assert f"converting {source} again: the checkpoint in {source} changed" in capsys.readouterr().out
+
+
+def test_hub_conversions_follow_the_cached_revision(tmp_path):
+    snapshot = tmp_path / "models--Qwen--Qwen3-0.6B" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--Qwen--Qwen3-0.6B" / "refs").mkdir()
+    (tmp_path / "models--Qwen--Qwen3-0.6B" / "refs" / "main").write_text("abc123")
+    current = model_sources.hub_identity("Qwen/Qwen3-0.6B", cache_dir=str(tmp_path))
+    assert current["revision"] == "abc123"
+    same = {"param_dtype": "float32", "identity": dict(current)}
+    assert model_sources._why_stale(same, current, "float32") is None
+    older = {"param_dtype": "float32", "identity": {**current, "revision": "0ld"}}
+    assert "converted from revision 0ld" in model_sources._why_stale(older, current, "float32")
+    assert "converted to bfloat16" in model_sources._why_stale({**same, "param_dtype": "bfloat16"}, current, "float32")
+    assert "has no distillspec_source.json" in model_sources._why_stale(None, current, "float32")
+
+
+def _prepared_copy(pipeline_workdir: pathlib.Path, workdir: pathlib.Path) -> pathlib.Path:
+    """A workdir with the pipeline's models, data and first evaluation: a run of it starts at distillation."""
+    import shutil
+
+    workdir.mkdir()
+    for name in ("models", "data"):
+        shutil.copytree(pipeline_workdir / name, workdir / name)
+    shutil.copy2(pipeline_workdir / "eval_before.json", workdir / "eval_before.json")
+    return workdir
+
+
+def test_two_runs_on_one_workdir_exactly_one_trains(pipeline_workdir, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import PIPELINE_ARGS, REPO
+
+    workdir = _prepared_copy(pipeline_workdir, tmp_path / "shared")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, "main.py", *PIPELINE_ARGS, f"--workdir={workdir}"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 1], [o[1][-2000:] for o in outs]
+    winner, loser = (0, 1) if procs[0].returncode == 0 else (1, 0)
+    assert f"is in use by another run (host {os.uname().nodename}, pid {procs[winner].pid}" in outs[loser][1]
+    assert "[distill]" not in outs[loser][0] and "Traceback" not in outs[loser][1]
+    steps = [json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == jsd.get_config("test").distill.steps
+    assert not (workdir / lease.LOCK_FILE).exists()  # released at the end
+
+
+def test_killed_before_the_summary_still_reports_the_final_metrics(pipeline_workdir, tmp_path):
+    # kill -9 after the last checkpoint but before distilled/summary.json: the rerun trains no step, and
+    # the report's training metrics come from the checkpoint, not from the memory of a process.
+    import shutil
+
+    workdir = tmp_path / "killed"
+    shutil.copytree(pipeline_workdir, workdir, ignore=shutil.ignore_patterns("distilled", "eval_after.json",
+                                                                            "results.json"))
+    run_main(workdir)
+    want, got = _results(pipeline_workdir)["training"], _results(workdir)["training"]
+    assert got["last_metrics"] and got == want

@@ -81,7 +81,10 @@ def test_draft_generator_samples_from_the_current_draft(mesh, draft):
 
 def _changed(model, scale: float):
     graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, jax.tree.map(lambda x: x * scale if x.ndim >= 2 else x, state))
+    scaled = jax.tree_util.tree_map_with_path(lambda path, x: x * scale if train.is_matrix(x.shape, path) else x,
+                                              nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, scaled)
+    return nnx.merge(graphdef, state)
 
 
 @pytest.mark.parametrize("every, refreshed", [(1, True), (2, False)])

@@ -29,7 +29,8 @@ RECORDED = ["gcloud", "srun", "sbatch", "scontrol", "python", "python3", "pip", 
 # A recording stand-in for an external command: appends {cmd, argv, cwd, env} as one JSON line to
 # $STUB_LOG. gcloud's `describe` prints $STUB_TPU_STATE (or fails as for a missing TPU VM), its `scp`
 # keeps a copy of what it would upload, scontrol prints $STUB_HOSTNAMES, and any command whose
-# arguments contain $STUB_FAIL_MATCH exits with status 3.
+# arguments contain $STUB_FAIL_MATCH exits with status $STUB_FAIL_CODE (default 3), the first
+# $STUB_FAIL_TIMES times (default: every time).
 STUB = """#!{python}
 import json, os, shutil, sys
 name, argv = os.path.basename(sys.argv[0]), sys.argv[1:]
@@ -46,7 +47,11 @@ if name == "gcloud" and "describe" in argv:
 if name == "gcloud" and "scp" in argv:
     shutil.copy(argv[argv.index("scp") + 1], os.path.join(os.path.dirname(os.environ["STUB_LOG"]), "shipped.tgz"))
 if os.environ.get("STUB_FAIL_MATCH") and os.environ["STUB_FAIL_MATCH"] in " ".join(argv):
-    sys.exit(3)
+    counter = os.environ["STUB_LOG"] + ".failures"
+    failed = int(open(counter).read()) if os.path.exists(counter) else 0
+    if failed < int(os.environ.get("STUB_FAIL_TIMES", "1000000")):
+        open(counter, "w").write(str(failed + 1))
+        sys.exit(int(os.environ.get("STUB_FAIL_CODE", "3")))
 """
 
 
@@ -391,6 +396,63 @@ def test_slurm_batch_dry_run_shows_srun_and_main_py(launch):
     assert "--task" in _one(commands, "srun --kill-on-bad-exit=1")
     [main] = [line for line in out.splitlines() if "main.py" in line]
     assert "--config=configs/jsd.py --workdir=/shared/w --config.distributed=on" in main
+
+
+# ---- exit codes: a preempted run (main.py exit 75, its state saved) is requeued or rerun ---------------
+
+PREEMPTED = "75"  # distillspec_jax.errors.EXIT_PREEMPTED
+
+
+@pytest.mark.parametrize("code, requeued", [(PREEMPTED, True), ("1", False), ("0", False)])
+def test_slurm_requeues_a_preempted_job_through_scontrol(launch, code, requeued):
+    launch.stub("scontrol", "srun")
+    venv = launch.fake_venv()
+    result = launch("slurm.sbatch", "--venv", str(venv), "--config", "configs/jsd.py", "--workdir", "/shared/w",
+                    **{**SLURM_ENV, "SLURM_PROCID": "0"}, STUB_FAIL_MATCH="--task", STUB_FAIL_CODE=code)
+    assert result.returncode == int(code), result.stderr
+    requeues = [c["argv"] for c in launch.calls("scontrol") if c["argv"][:1] == ["requeue"]]
+    assert requeues == ([["requeue", "4242"]] if requeued else [])
+    if requeued:
+        assert "requeueing job 4242" in result.stderr
+
+
+def test_slurm_task_passes_main_py_exit_status_on(launch):
+    launch.stub("scontrol")
+    venv = launch.fake_venv()
+    result = launch("slurm.sbatch", "--task", "--venv", str(venv), "--config", "configs/jsd.py", "--workdir", "/w",
+                    **SLURM_ENV, STUB_FAIL_MATCH="main.py", STUB_FAIL_CODE=PREEMPTED)
+    assert result.returncode == int(PREEMPTED)  # srun sees it, so the batch step can requeue
+
+
+def test_slurm_script_asks_for_sigterm_before_the_time_limit_and_is_requeueable():
+    text = (LAUNCH / "slurm.sbatch").read_text()
+    assert "#SBATCH --signal=TERM@" in text and "#SBATCH --requeue" in text
+
+
+def test_tpu_reruns_a_preempted_run_until_it_finishes(launch):
+    launch.stub("gcloud")
+    result = launch("tpu_vm.sh", "--name", "ds", "--zone", "z1", "--config", "configs/jsd.py", "--workdir", "gs://b/r",
+                    "--skip-setup", STUB_TPU_STATE="READY", STUB_FAIL_MATCH="--worker-run", STUB_FAIL_CODE=PREEMPTED,
+                    STUB_FAIL_TIMES="2")
+    assert result.returncode == 0, result.stderr
+    verbs = [c["argv"][3] for c in launch.calls("gcloud")]
+    assert verbs == ["describe", "ssh", "describe", "ssh", "describe", "ssh"], verbs  # two reruns, then done
+    assert "rerun 2 of 3" in result.stderr
+
+
+def test_tpu_gives_up_after_max_reruns_and_never_reruns_a_failure(launch):
+    launch.stub("gcloud")
+    args = ["tpu_vm.sh", "--name", "ds", "--zone", "z1", "--config", "configs/jsd.py", "--workdir", "gs://b/r",
+            "--skip-setup"]
+    result = launch(*args, "--max-reruns", "1", STUB_TPU_STATE="READY", STUB_FAIL_MATCH="--worker-run",
+                    STUB_FAIL_CODE=PREEMPTED)
+    assert result.returncode == int(PREEMPTED)
+    assert [c["argv"][3] for c in launch.calls("gcloud")].count("ssh") == 2
+    launch.log.unlink()
+    (launch.root / "calls.jsonl.failures").unlink()
+    result = launch(*args, STUB_TPU_STATE="READY", STUB_FAIL_MATCH="--worker-run", STUB_FAIL_CODE="1")
+    assert result.returncode == 1
+    assert [c["argv"][3] for c in launch.calls("gcloud")].count("ssh") == 1
 
 
 # ---- errors ----------------------------------------------------------------------------------------

@@ -102,6 +102,24 @@ def test_metrics_jsonl_is_written_without_wandb_and_cut_back_on_resume(tmp_path)
     assert not (tmp_path / "wandb").exists()
 
 
+@pytest.mark.parametrize("tail", ['{"step": 4, "loss": 0.', '{"step": 4, "loss": 0.25}'], ids=["torn", "unterminated"])
+def test_a_torn_last_line_is_repaired_on_resume(tmp_path, caplog, tail):
+    # Nothing to cut back (the checkpoint is at the last logged step), yet a crash mid-write left a fragment,
+    # or a record without its newline: resuming must not append the next record onto it.
+    with tracking.MetricsLogger(tmp_path) as logger:
+        for step in range(1, 4):
+            logger.log(step, {"loss": 1.0 / step})
+    with open(tmp_path / tracking.METRICS_FILE, "a") as f:
+        f.write(tail)
+    with caplog.at_level(logging.WARNING), tracking.MetricsLogger(tmp_path, resume_step=4) as logger:
+        logger.log(5, {"loss": 0.2})
+    lines = (tmp_path / tracking.METRICS_FILE).read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]  # every line parses
+    assert steps == ([1, 2, 3, 5] if tail.endswith(".") else [1, 2, 3, 4, 5])
+    if tail.endswith("."):
+        assert "dropped 1 torn line" in caplog.text
+
+
 def test_metrics_values_become_plain_json(tmp_path):
     import numpy as np
 

@@ -330,3 +330,103 @@ def test_remat_training_then_decoding_the_draft_works():
                                                 jax.random.key(0))
     assert spec_out.tokens.shape[0] == 2
 
+
+
+def _step_temp_bytes(remat: bool) -> int:
+    cfg = dataclasses.replace(LOOP_CFG, remat=remat, loss_chunk=0)
+    deep = h.DRAFT_CFG.replace(num_hidden_layers=8)
+    distiller = train.Distiller(cfg, h.make_draft(cfg=deep), h.make_target(), shd.single_device_mesh())
+    batch = distiller.global_batch(h.synthetic_batch(0, 8, 256))
+    compiled = distiller._step.lower(distiller.abstract_state(), distiller.target_params, distiller.reference_params,
+                                     {k: batch[k] for k in train.BATCH_KEYS}).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_remat_shrinks_the_compiled_steps_temporaries():
+    with_remat, without = _step_temp_bytes(True), _step_temp_bytes(False)
+    print(f"train step temporaries: remat {with_remat / 2**20:.2f} MiB, no remat {without / 2**20:.2f} MiB")
+    assert with_remat < 0.8 * without
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults: a damaged checkpoint, a run that resumes at its end, a NaN before any checkpoint, positions
+# ----------------------------------------------------------------------------------------------
+
+FALLBACK_CFG = dataclasses.replace(LOOP_CFG, checkpoint_every=2, keep_checkpoints=3)
+
+
+@pytest.fixture(scope="module")
+def fallback_runs(tmp_path_factory):
+    """An uninterrupted run, and one that crashed after step 5 (checkpoints at steps 2 and 4)."""
+    root = tmp_path_factory.mktemp("fallback")
+    straight = train.run(FALLBACK_CFG, _distiller(FALLBACK_CFG), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ), root / "straight")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.run(FALLBACK_CFG, _distiller(FALLBACK_CFG), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ, fail_at=5),
+                  root / "crashed")
+    resumer = _distiller(FALLBACK_CFG)  # resumed runs never need the initial draft: one compiled step serves all
+    resumer.release_initial_params()
+    return straight, root, resumer
+
+
+def _copy(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _corrupt(step_dir: pathlib.Path, how: str) -> None:
+    if how == "truncated_data_file":
+        biggest = max((p for p in step_dir.joinpath("state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        os.truncate(biggest, biggest.stat().st_size // 2)
+    elif how == "missing_meta":
+        (step_dir / "meta" / "metadata").unlink()
+    else:
+        import shutil
+
+        shutil.rmtree(step_dir / "state")
+
+
+@pytest.mark.parametrize("how", ["truncated_data_file", "missing_meta", "missing_state"])
+def test_a_corrupt_newest_checkpoint_falls_back_and_resumes_exactly(fallback_runs, tmp_path, capsys, how):
+    straight, root, resumer = fallback_runs
+    crashed = _copy(root / "crashed", tmp_path / "crashed")
+    _corrupt(crashed / train.CHECKPOINT_DIR / "4", how)
+    resumed = train.run(FALLBACK_CFG, resumer, h.SyntheticSource(LOOP_BATCH, LOOP_SEQ), crashed)
+    out = capsys.readouterr().out
+    assert "checkpoint step 4" in out and "unreadable" in out and "resuming from step 2" in out
+    assert (crashed / train.CHECKPOINT_DIR / "corrupt-4").is_dir()  # kept aside for a post-mortem
+    assert resumed.step == 6 and _losses(crashed) == _losses(root / "straight")
+    _assert_params_equal(h.params_to_numpy(resumed.state.params), h.params_to_numpy(straight.state.params))
+
+
+def test_no_restorable_checkpoint_is_a_clear_error(fallback_runs, tmp_path):
+    _, root, resumer = fallback_runs
+    crashed = _copy(root / "crashed", tmp_path / "crashed")
+    for step in ("2", "4"):
+        _corrupt(crashed / train.CHECKPOINT_DIR / step, "missing_meta")
+    with pytest.raises(train.CheckpointError, match=r"no checkpoint in .*checkpoints restores.*fix: restore"):
+        train.run(FALLBACK_CFG, resumer, h.SyntheticSource(LOOP_BATCH, LOOP_SEQ), crashed)
+
+
+def test_a_run_resumed_at_its_end_reports_the_last_metrics(fallback_runs, tmp_path):
+    # Killed after the final checkpoint, before the caller wrote its summary: the rerun trains no step,
+    # and the final metrics come from the checkpoint.
+    straight, root, resumer = fallback_runs
+    again = train.run(FALLBACK_CFG, resumer, h.SyntheticSource(LOOP_BATCH, LOOP_SEQ),
+                      _copy(root / "straight", tmp_path / "straight"))
+    assert again.step == straight.step == 6
+    assert again.last_metrics == straight.last_metrics and straight.last_metrics["loss"] > 0
+
+
+def test_nan_before_any_checkpoint_says_there_is_none(tmp_path):
+    with pytest.raises(train.NonFiniteLossError, match=r"step 2: loss=nan.*No checkpoint has been saved yet.*step 0"):
+        train.run(LOOP_CFG, _distiller(), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ, nan_at=1), tmp_path)
+
+
+def test_batches_longer_than_the_models_positions_are_refused():
+    distiller = _distiller()
+    too_long = distiller.max_positions + 1
+    with pytest.raises(ValueError, match=f"{too_long} positions exceed the models' max_position_embeddings"):
+        distiller.check_batch({"tokens": np.zeros((4, too_long), np.int32),
+                               "loss_mask": np.zeros((4, too_long), np.float32)})

@@ -54,11 +54,11 @@ class GeneratorSpec:
     def __post_init__(self):
         if self.kind not in GENERATORS:
             raise ValueError(f"unknown generator {self.kind!r}; choose one of {GENERATORS}")
-        if self.kind == "mix":
-            if not 0.0 <= self.mix_lambda <= 1.0:
-                raise ValueError(f"generator.mix_lambda must be in [0, 1], got {self.mix_lambda}")
-            if self.mix_other not in MIX_OTHERS:
-                raise ValueError(f"generator.mix_other must be one of {MIX_OTHERS}, got {self.mix_other!r}")
+        # The mix settings are checked whatever the kind: a bad value is a typo even while it is unused.
+        if not 0.0 <= self.mix_lambda <= 1.0:
+            raise ValueError(f"generator.mix_lambda must be in [0, 1], got {self.mix_lambda}")
+        if self.mix_other not in MIX_OTHERS:
+            raise ValueError(f"generator.mix_other must be one of {MIX_OTHERS}, got {self.mix_other!r}")
         if self.max_new_tokens < 1 or self.regenerate_every < 1:
             raise ValueError("generator.max_new_tokens and generator.regenerate_every must be >= 1")
 

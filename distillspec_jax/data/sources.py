@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from distillspec_jax import hub
+from distillspec_jax.errors import UserError
 
 Example = dict[str, Any]
 
@@ -39,7 +40,7 @@ OFFLINE_HINT = ("If this machine is offline, point `data.name` at local files (j
                 "source 'jsonl', 'humaneval' or 'stdlib', or run the offline preset `--config=configs/jsd.py:tiny`")
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError, ValueError):
     """A data source cannot be read as configured; the message names the fix."""
 
 
@@ -151,12 +152,28 @@ def jsonl(path: str, limit: int | None = None) -> list[Example]:
         for i, line in enumerate(f):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataSourceError(f"{path}: line {i + 1} is not JSON ({err})") from err
+                    raise DataSourceError(f"{path}: line {i + 1} is not JSON ({err}); fix: one JSON object a line") from err
+                if not isinstance(row, dict):
+                    raise DataSourceError(f"{path}: line {i + 1} is a JSON {type(row).__name__}, not an object; "
+                                          "fix: one JSON object a line, e.g. {\"prompt\": \"...\"}")
+                rows.append(row)
             if limit is not None and len(rows) >= limit:
                 break
     return rows
+
+
+def jsonl_line_number(path: str, row: int) -> int | None:
+    """The 1-based line of `path` holding row `row` (0-based; blank lines hold no row), for messages."""
+    p = pathlib.Path(path)
+    with (gzip.open if p.suffix == ".gz" else open)(p, "rt", encoding="utf-8") as f:
+        seen = -1
+        for i, line in enumerate(f):
+            seen += bool(line.strip())
+            if seen == row:
+                return i + 1
+    return None
 
 
 def humaneval(limit: int | None = None) -> list[Example]:

@@ -16,11 +16,28 @@ Example = dict[str, Any]
 LM1B_PREFIX_FRACTION = 0.5  # LM1B has no responses: the first half of a sentence prompts the rest
 
 
+class FieldError(KeyError):
+    """An example lacks the text field a task reads, or holds something else than text in it."""
+
+    def __init__(self, problem: str, names: tuple[str, ...], found: list[str]):
+        super().__init__(f"{problem}; its fields are {found}")
+        self.problem, self.names, self.found = problem, names, found
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 def _first(example: Example, *names: str) -> str:
     for name in names:
         if name in example and example[name] is not None:
-            return example[name]
-    raise KeyError(f"example has none of the fields {names}; its fields are {sorted(example)}")
+            value = example[name]
+            if not isinstance(value, str):
+                raise FieldError(f"field {name!r} holds {type(value).__name__} {value!r:.60}, not text", names,
+                                 sorted(example))
+            return value
+    wanted = " or ".join(repr(n) for n in names)
+    raise FieldError(f"no field {wanted}" if len(names) == 1 else f"none of the fields {wanted}", names,
+                     sorted(example))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +49,7 @@ class Task:
     response: Callable[[Example], str | None]  # the fixed response, or None when the data has none
     raw_prompt: Callable[[Example], str] | None = None  # prompt for base LMs (no chat template); None: instruction
     raw_response: Callable[[Example], str | None] | None = None  # base-LM response; None: response
+    has_responses: bool = True  # False: the data has no fixed responses (the `fixed` generator cannot train)
 
 
 def _gsm8k_prompt(ex):
@@ -96,7 +114,8 @@ TASKS: dict[str, Task] = {
                       raw_prompt=lambda ex: _first(ex, "prompt"), raw_response=lambda ex: _first(ex, "canonical_solution")),
     "alpaca": Task("alpaca", _alpaca_prompt, lambda ex: _first(ex, "output")),
     # A plain text corpus (e.g. the standard library): the whole text is the prompt; no fixed response.
-    "corpus": Task("corpus", lambda ex: _first(ex, "text"), lambda ex: None, raw_prompt=lambda ex: _first(ex, "text")),
+    "corpus": Task("corpus", lambda ex: _first(ex, "text"), lambda ex: None, raw_prompt=lambda ex: _first(ex, "text"),
+                   has_responses=False),
 }
 
 
@@ -106,6 +125,16 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
+def prompt_text(task: Task, example: Example, chat: bool = True) -> str:
+    """The text a prompt is made of, before any chat template (what the example must provide)."""
+    return task.instruction(example) if chat else (task.raw_prompt or task.instruction)(example)
+
+
+def response_text(task: Task, example: Example, chat: bool = True) -> str | None:
+    """The fixed response's text before the end-of-turn token, or None when the data has none."""
+    return task.response(example) if chat else (task.raw_response or task.response)(example)
+
+
 def render_prompt(task: Task, example: Example, tokenizer, chat: bool = True, enable_thinking: bool = False) -> str:
     """The prompt text: the user turn in the tokenizer's chat template with the assistant header, or raw.
 
@@ -113,15 +142,15 @@ def render_prompt(task: Task, example: Example, tokenizer, chat: bool = True, en
     the DistillSpec tasks are short-answer tasks.
     """
     if not chat:
-        return (task.raw_prompt or task.instruction)(example)
-    messages = [{"role": "user", "content": task.instruction(example)}]
+        return prompt_text(task, example, chat=False)
+    messages = [{"role": "user", "content": prompt_text(task, example)}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                          enable_thinking=enable_thinking)
 
 
 def render_response(task: Task, example: Example, tokenizer, chat: bool = True) -> str | None:
     """The fixed response text, ending with the end-of-turn token in chat mode (the model must learn to stop)."""
-    text = task.response(example) if chat else (task.raw_response or task.response)(example)
+    text = response_text(task, example, chat)
     if text is None:
         return None
     return text + tokenizer.eos_token if chat else text

@@ -59,6 +59,7 @@ class TensorMap:
     hf_shape: tuple[int, ...]
     to_ours: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
+    layer: int | None = None  # index into the stacked [L, ...] parameter at `path`; None: not stacked
 
 
 def _identity(x):
@@ -90,21 +91,22 @@ def tensor_maps(cfg: qwen3.Qwen3Config) -> list[TensorMap]:
     if not cfg.tie_word_embeddings:
         maps.append(TensorMap("lm_head.weight", ("lm_head",), (v, d), _transpose, _transpose))
     q_in, k_in, o_out = _linear_in(n, h), _linear_in(k, h), _linear_out(n, h)
+    per_layer = [  # (HF name within layer i, our path within the stacked layer, HF shape, to_ours, to_hf)
+        ("input_layernorm.weight", ("attn_norm", "weight"), (d,), _identity, _identity),
+        ("self_attn.q_proj.weight", ("attn", "q_proj"), (n * h, d), *q_in),
+        ("self_attn.k_proj.weight", ("attn", "k_proj"), (k * h, d), *k_in),
+        ("self_attn.v_proj.weight", ("attn", "v_proj"), (k * h, d), *k_in),
+        ("self_attn.o_proj.weight", ("attn", "o_proj"), (d, n * h), *o_out),
+        ("self_attn.q_norm.weight", ("attn", "q_norm", "weight"), (h,), _identity, _identity),
+        ("self_attn.k_norm.weight", ("attn", "k_norm", "weight"), (h,), _identity, _identity),
+        ("post_attention_layernorm.weight", ("mlp_norm", "weight"), (d,), _identity, _identity),
+        ("mlp.gate_proj.weight", ("mlp", "gate_proj"), (f, d), _transpose, _transpose),
+        ("mlp.up_proj.weight", ("mlp", "up_proj"), (f, d), _transpose, _transpose),
+        ("mlp.down_proj.weight", ("mlp", "down_proj"), (d, f), _transpose, _transpose),
+    ]
     for i in range(cfg.num_hidden_layers):
-        hf, ours = f"model.layers.{i}.", ("layers", i)
-        maps += [
-            TensorMap(hf + "input_layernorm.weight", (*ours, "attn_norm", "weight"), (d,), _identity, _identity),
-            TensorMap(hf + "self_attn.q_proj.weight", (*ours, "attn", "q_proj"), (n * h, d), *q_in),
-            TensorMap(hf + "self_attn.k_proj.weight", (*ours, "attn", "k_proj"), (k * h, d), *k_in),
-            TensorMap(hf + "self_attn.v_proj.weight", (*ours, "attn", "v_proj"), (k * h, d), *k_in),
-            TensorMap(hf + "self_attn.o_proj.weight", (*ours, "attn", "o_proj"), (d, n * h), *o_out),
-            TensorMap(hf + "self_attn.q_norm.weight", (*ours, "attn", "q_norm", "weight"), (h,), _identity, _identity),
-            TensorMap(hf + "self_attn.k_norm.weight", (*ours, "attn", "k_norm", "weight"), (h,), _identity, _identity),
-            TensorMap(hf + "post_attention_layernorm.weight", (*ours, "mlp_norm", "weight"), (d,), _identity, _identity),
-            TensorMap(hf + "mlp.gate_proj.weight", (*ours, "mlp", "gate_proj"), (f, d), _transpose, _transpose),
-            TensorMap(hf + "mlp.up_proj.weight", (*ours, "mlp", "up_proj"), (f, d), _transpose, _transpose),
-            TensorMap(hf + "mlp.down_proj.weight", (*ours, "mlp", "down_proj"), (d, f), _transpose, _transpose),
-        ]
+        maps += [TensorMap(f"model.layers.{i}.{name}", ("layers", *path), shape, to_ours, to_hf, layer=i)
+                 for name, path, shape, to_ours, to_hf in per_layer]
     return maps
 
 
@@ -225,6 +227,28 @@ def _target_shardings(cfg: qwen3.Qwen3Config, mesh: Mesh | None) -> dict[tuple, 
     return dict(nnx.to_flat_state(shardings))
 
 
+def _place_tensors(group: list[TensorMap], located: dict[str, SafetensorsFile], np_dtype: np.dtype,
+                   sharding: jax.sharding.Sharding) -> jax.Array:
+    """One parameter on its sharding, straight from the memory-mapped checkpoint: a single tensor, or the
+    per-layer tensors of a stacked [L, ...] parameter. Each device's slice is read from the files as it
+    is placed, so no host ever holds more than the slices its devices need (plus one layer's tensor)."""
+    def read(m: TensorMap) -> np.ndarray:
+        return np.asarray(m.to_ours(located[m.hf_name][m.hf_name]), dtype=np_dtype)
+
+    if group[0].layer is None:
+        (m,) = group
+        return shd.place(read(m), sharding)
+    group = sorted(group, key=lambda m: m.layer)
+    first = read(group[0])
+    shape = (len(group), *first.shape)
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        layers = range(len(group))[index[0]]
+        return np.stack([(first if i == 0 else read(group[i]))[index[1:]] for i in layers])
+
+    return jax.make_array_from_callback(shape, sharding, shard)
+
+
 def load_hf(
     path_or_hub_id: str | os.PathLike,
     dtype: str = "float32",
@@ -257,17 +281,18 @@ def load_hf(
         raise ValueError(f"{folder}: tensors that a Qwen3 dense model does not have: {unexpected[:8]}")
     np_dtype = np.dtype(qwen3.resolve_dtype(param_dtype))
     shardings = _target_shardings(cfg, mesh)
-    arrays = {}
     for m in maps:
         if m.hf_name not in located:
             raise ValueError(f"{folder}: tensor {m.hf_name} is missing from the checkpoint")
-        source = located[m.hf_name]
-        if source.shape(m.hf_name) != m.hf_shape:
+        if located[m.hf_name].shape(m.hf_name) != m.hf_shape:
             raise ValueError(
-                f"tensor {m.hf_name} has shape {source.shape(m.hf_name)} in the checkpoint, but config.json "
-                f"implies {m.hf_shape}; the config and the weights disagree"
+                f"tensor {m.hf_name} has shape {located[m.hf_name].shape(m.hf_name)} in the checkpoint, but "
+                f"config.json implies {m.hf_shape}; the config and the weights disagree"
             )
-        arrays[m.path] = shd.place(np.asarray(m.to_ours(source[m.hf_name]), dtype=np_dtype), shardings[m.path])
+    by_path: dict[tuple, list[TensorMap]] = {}
+    for m in maps:
+        by_path.setdefault(m.path, []).append(m)
+    arrays = {path: _place_tensors(group, located, np_dtype, shardings[path]) for path, group in by_path.items()}
     logging.info("loaded %s: %d tensors, %.1fM parameters, %s", folder, len(maps), cfg.num_params() / 1e6, param_dtype)
     return _assemble(cfg, arrays)
 
@@ -298,8 +323,9 @@ def export_hf(model: qwen3.Qwen3, out_dir: str | os.PathLike, dtype: str | None 
     cfg = model.cfg
     dtype = dtype or cfg.param_dtype
     np_dtype = np.dtype(qwen3.resolve_dtype(dtype))
-    flat = {path: var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    tensors = {m.hf_name: np.ascontiguousarray(m.to_hf(shd.to_host(flat[m.path]).astype(np_dtype)))
+    flat = {path: shd.to_host(var[...]).astype(np_dtype)
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    tensors = {m.hf_name: np.ascontiguousarray(m.to_hf(flat[m.path] if m.layer is None else flat[m.path][m.layer]))
                for m in tensor_maps(cfg)}
     out = pathlib.Path(out_dir)
     if jax.process_index() != 0:
@@ -388,9 +414,35 @@ def load_orbax(directory: str | os.PathLike, mesh: Mesh | None = None, **cfg_ove
     target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                           nnx.to_pure_dict(state), nnx.to_pure_dict(shardings))
     with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(directory / ORBAX_PARAMS, target)
+        stored_layers = ckptr.metadata(directory / ORBAX_PARAMS).item_metadata["layers"]
+        if _unstacked(stored_layers):
+            restored = _restore_unstacked(ckptr, directory / ORBAX_PARAMS, target, stored_layers)
+        else:
+            restored = ckptr.restore(directory / ORBAX_PARAMS, target)
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)
+
+
+def _unstacked(layers_metadata) -> bool:
+    """Whether a saved parameter tree holds one subtree per layer ('0', '1', ...), the layout written
+    before the layers were stacked for the scan."""
+    return all(str(key).isdigit() for key in layers_metadata.keys())
+
+
+def _restore_unstacked(ckptr, path: epath.Path, target: dict, layers_metadata) -> dict:
+    """Restores a per-layer checkpoint into the stacked layout: each layer on the host, then stacked and
+    placed on the target's sharding (once per folder; re-save it with `save_orbax` to skip this)."""
+    logging.warning("%s holds per-layer parameters (written before layers were stacked); stacking them on load",
+                    path)
+    num_layers = len(layers_metadata.keys())
+    layer_target = jax.tree.map(lambda t: np.empty(t.shape[1:], t.dtype), target["layers"])
+    host_target = {**jax.tree.map(lambda t: np.empty(t.shape, t.dtype), {k: v for k, v in target.items()
+                                                                         if k != "layers"}),
+                   "layers": {str(i): layer_target for i in range(num_layers)}}
+    restored = ckptr.restore(path, host_target)
+    layers = jax.tree.map(lambda *xs: np.stack(xs), *(restored["layers"][str(i)] for i in range(num_layers)))
+    restored = {**restored, "layers": layers}
+    return jax.tree.map(lambda x, t: shd.place(np.asarray(x), t.sharding), restored, target)
 
 
 def convert_hf_to_orbax(path_or_hub_id: str, out_dir: str, dtype: str = "float32", mesh: Mesh | None = None) -> epath.Path:

@@ -224,39 +224,40 @@ def preset(name: str, **overrides: Any) -> Qwen3Config:
 
 
 class KVCache(NamedTuple):
-    """Per-layer keys and values plus the number of valid entries of each row.
+    """Keys and values of every layer, stacked, plus the number of valid entries of each row.
 
-    k[l], v[l]: [B, S, K, H] in the compute dtype. lengths: [B] int32, tokens already cached per row.
-    A step of T tokens writes them at slots lengths[b] .. lengths[b] + T - 1 of row b. Rolling back
-    rejected draft tokens only lowers `lengths`: stale slots are masked and later overwritten.
+    k, v: [L, B, S, K, H] in the compute dtype. lengths: [B] int32, tokens already cached per row.
+    A step of T tokens writes them at slots lengths[b] .. lengths[b] + T - 1 of row b, in every layer.
+    Rolling back rejected draft tokens only lowers `lengths`: stale slots are masked and later overwritten.
+    One stacked array per kind (not one per layer) is what the scan over layers carries and updates in place.
     """
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: jax.Array
+    v: jax.Array
     lengths: jax.Array
 
     @classmethod
     def init(cls, cfg: Qwen3Config, batch: int, max_len: int) -> KVCache:
-        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
         dtype = resolve_dtype(cfg.dtype)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
-        # Distinct buffers per layer so that donation and in-place updates never alias.
-        return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
-                   lengths=jnp.zeros((batch,), jnp.int32))
+        # Two distinct buffers so that donation and in-place updates never alias.
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.k.shape[2]
 
     def with_lengths(self, lengths: jax.Array) -> KVCache:
         return self._replace(lengths=lengths.astype(jnp.int32))
 
 
-def _write_rows(cache_bskh: jax.Array, new_btkh: jax.Array, start_b: jax.Array) -> jax.Array:
-    """Writes each row's T new entries at its own start slot (a per-row dynamic_update_slice)."""
-    return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))(
-        cache_bskh, new_btkh.astype(cache_bskh.dtype), start_b
-    )
+def _write_rows(cache_lbskh: jax.Array, layer: jax.Array, new_btkh: jax.Array, start_b: jax.Array) -> jax.Array:
+    """Writes each row's T new entries of one layer at the row's own start slot (a per-row
+    dynamic_update_slice into the stacked cache, which XLA performs in place on the scan's carry)."""
+    def one_row(cache_lskh, new_tkh, start):
+        return jax.lax.dynamic_update_slice(cache_lskh, new_tkh[None], (layer, start, 0, 0))
+
+    return jax.vmap(one_row, in_axes=(1, 0, 0), out_axes=1)(cache_lbskh, new_btkh.astype(cache_lbskh.dtype), start_b)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,35 +331,24 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(h, cfg.rms_norm_eps, pdt, "head_dim")
         self.k_norm = RMSNorm(h, cfg.rms_norm_eps, pdt, "head_dim")
 
-    def __call__(
-        self,
-        x_btd: jax.Array,
-        positions_bt: jax.Array,
-        rope: tuple[jax.Array, jax.Array],
-        kv: tuple[jax.Array, jax.Array, jax.Array] | None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """kv is None for a cache-free causal pass, else (k_bskh, v_bskh, lengths_b) to write and read."""
+    def project(self, x_btd: jax.Array, rope: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q [B, T, N, H], k and v [B, T, K, H] of the new tokens, with Qwen3's q/k norms before RoPE."""
         dt = x_btd.dtype
         q_btnh = self.q_norm(jnp.einsum("btd,dnh->btnh", x_btd, self.q_proj[...].astype(dt)))
         k_btkh = self.k_norm(jnp.einsum("btd,dkh->btkh", x_btd, self.k_proj[...].astype(dt)))
         v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.v_proj[...].astype(dt))
         cos_bth, sin_bth = rope
-        q_btnh = apply_rope(q_btnh, cos_bth, sin_bth)
-        k_btkh = apply_rope(k_btkh, cos_bth, sin_bth)
+        return apply_rope(q_btnh, cos_bth, sin_bth), apply_rope(k_btkh, cos_bth, sin_bth), v_btkh
 
-        if kv is None:
-            keys_bskh, values_bskh, new_kv = k_btkh, v_btkh, None
-            key_positions_s = jnp.arange(x_btd.shape[1])
-        else:
-            cache_k, cache_v, lengths_b = kv
-            keys_bskh = _write_rows(cache_k, k_btkh, lengths_b)
-            values_bskh = _write_rows(cache_v, v_btkh, lengths_b)
-            new_kv = (keys_bskh, values_bskh)
-            key_positions_s = jnp.arange(cache_k.shape[1])
+    def output(self, q_btnh: jax.Array, keys_bskh: jax.Array, values_bskh: jax.Array,
+               positions_bt: jax.Array) -> jax.Array:
+        """Attention of the queries at `positions_bt` over keys whose slot s holds position s, then o_proj."""
+        dt = q_btnh.dtype
+        key_positions_s = jnp.arange(keys_bskh.shape[1])
         # Slot s holds position s, so one rule covers causality, stale cache slots and right padding.
         mask_bts = key_positions_s[None, None, :] <= positions_bt[:, :, None]
         o_btnh = attend(q_btnh, keys_bskh.astype(dt), values_bskh.astype(dt), mask_bts)
-        return jnp.einsum("btnh,nhd->btd", o_btnh, self.o_proj[...].astype(dt)), new_kv
+        return jnp.einsum("btnh,nhd->btd", o_btnh, self.o_proj[...].astype(dt))
 
 
 class MLP(nnx.Module):
@@ -384,20 +374,37 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt, "norm")
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_btd, positions_bt, rope, kv):
-        attn_out, new_kv = self.attn(self.attn_norm(x_btd), positions_bt, rope, kv)
-        x_btd = x_btd + attn_out
+    def __call__(self, x_btd, positions_bt, rope, cache: KVCache | None, layer: jax.Array | None):
+        """One layer. With a cache, the new keys and values are written into layer `layer` of the stacked
+        cache before attention reads it; returns (x_btd, (k, v) of the updated stacked cache or None)."""
+        q_btnh, k_btkh, v_btkh = self.attn.project(self.attn_norm(x_btd), rope)
+        if cache is None:
+            keys_bskh, values_bskh, new_kv = k_btkh, v_btkh, None
+        else:
+            k_lbskh = _write_rows(cache.k, layer, k_btkh, cache.lengths)
+            v_lbskh = _write_rows(cache.v, layer, v_btkh, cache.lengths)
+            keys_bskh, values_bskh, new_kv = k_lbskh[layer], v_lbskh[layer], (k_lbskh, v_lbskh)
+        x_btd = x_btd + self.attn.output(q_btnh, keys_bskh, values_bskh, positions_bt)
         x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
         return x_btd, new_kv
 
 
-def _run_layer(layer: DecoderLayer, x_btd, positions_bt, rope, kv):
-    return layer(x_btd, positions_bt, rope, kv)
+LAYERS_AXIS = "layers"  # logical axis of the stacked layer dimension L (never sharded: the scan walks it)
 
 
-# Rematerialised variant: activations inside a layer are recomputed in the backward pass, so a
-# training step keeps only one [B, T, D] residual per layer alive.
-_run_layer_remat = nnx.remat(_run_layer)
+def stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
+    """One DecoderLayer whose every parameter is the stack [L, ...] of the given layers' parameters, with
+    the logical axis `layers` in front. The decoder scans over it: one layer's program is compiled once,
+    whatever the depth, and rematerialisation applies per scan step (an unrolled stack of remat'd layers
+    lets XLA schedule every recomputation early, which on CPU kept all activations alive: measured)."""
+    graphdef, _ = nnx.split(layers[0])
+    states = [nnx.split(layer)[1] for layer in layers]
+
+    def stack(*variables: nnx.Variable) -> nnx.Variable:
+        axes = variables[0].get_metadata()["axes"]
+        return variables[0].replace(jnp.stack([v[...] for v in variables]), axes=(LAYERS_AXIS, *axes))
+
+    return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 class Qwen3(nnx.Module):
@@ -411,7 +418,8 @@ class Qwen3(nnx.Module):
         pdt = resolve_dtype(cfg.param_dtype)
         self.cfg = cfg
         self.embed = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.hidden_size), pdt), axes=("vocab", "embed"))
-        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+        # Initialised layer by layer (the same random stream as separate layers), then stacked.
+        self.layers = stack_layers([DecoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt, "norm")
         if not cfg.tie_word_embeddings:
             self.lm_head = nnx.Param(_normal(rngs, (cfg.hidden_size, cfg.vocab_size), pdt), axes=("embed", "vocab"))
@@ -420,19 +428,24 @@ class Qwen3(nnx.Module):
         dt = resolve_dtype(self.cfg.dtype)
         x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
         rope = rope_tables(positions_bt, self.cfg.head_dim, self.cfg.rope_theta)
-        run = _run_layer_remat if remat else _run_layer
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i], cache.lengths)
-            x_btd, layer_kv = run(layer, x_btd, positions_bt, rope, kv)
-            if layer_kv is not None:
-                new_k.append(layer_kv[0])
-                new_v.append(layer_kv[1])
+        layer_graphdef, layer_state = nnx.split(self.layers)
+
+        def one_layer(carry, xs):
+            x_btd, kv = carry
+            state_l, layer = xs
+            layer_cache = None if kv is None else KVCache(kv[0], kv[1], cache.lengths)
+            x_btd, kv = nnx.merge(layer_graphdef, state_l)(x_btd, positions_bt, rope, layer_cache, layer)
+            return (x_btd, kv), None
+
+        if remat:  # training only: keep one [B, T, D] residual per layer, recompute the rest backwards
+            one_layer = jax.checkpoint(one_layer, prevent_cse=False)  # inside scan, CSE cannot undo it
+        kv = None if cache is None else (cache.k, cache.v)
+        layers_l = jnp.arange(self.cfg.num_hidden_layers, dtype=jnp.int32)
+        (x_btd, kv), _ = jax.lax.scan(one_layer, (x_btd, kv), (layer_state, layers_l))
         h_btd = self.norm(x_btd)
         if cache is None:
             return h_btd, None
-        lengths = cache.lengths + tokens_bt.shape[1]
-        return h_btd, KVCache(k=tuple(new_k), v=tuple(new_v), lengths=lengths)
+        return h_btd, KVCache(k=kv[0], v=kv[1], lengths=cache.lengths + tokens_bt.shape[1])
 
     def hidden_states(self, tokens_bt: jax.Array, *, remat: bool = False) -> jax.Array:
         """Final-norm hidden states [B, T, D] of a causal pass from position 0 (right padding is safe).
