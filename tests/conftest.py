@@ -27,17 +27,21 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, pathlib.Path]:
     return {name: write_hf_checkpoint(root / name, seed=i, **kw) for i, (name, kw) in enumerate(TINY_CASES.items())}
 
 
-PIPELINE_ARGS = ("--config=configs/jsd.py:test",)  # the tiny pipeline at test size (configs/common.py:test)
+PIPELINE_CONFIG = "configs/jsd.py:test"  # the tiny pipeline at test size (configs/common.py:test)
+PIPELINE_ARGS = (f"--config={PIPELINE_CONFIG}",)
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_main(workdir, *overrides: str, timeout: int = 600, check: bool = True):
-    """Runs `python main.py` in a subprocess (its own JAX: one CPU device, no fake ones) from the repo root."""
+def run_main(workdir, *overrides: str, config: str = PIPELINE_CONFIG, env: dict[str, str] | None = None,
+             timeout: int = 600, check: bool = True):
+    """Runs `python main.py --config=<config>` in a subprocess (its own JAX: one CPU device, no fake ones) from the
+    repo root; env (default: this process's, without XLA_FLAGS) is the subprocess's whole environment."""
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "main.py", *PIPELINE_ARGS, f"--workdir={workdir}", *overrides],
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "main.py", f"--config={config}", f"--workdir={workdir}", *overrides],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -51,3 +55,26 @@ def pipeline_workdir(tmp_path_factory) -> pathlib.Path:
     proc = run_main(workdir)
     (workdir / "stdout.txt").write_text(proc.stdout)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def hub_repos(tmp_path_factory) -> dict[tuple[str, str], pathlib.Path]:
+    """Every repo the real presets name (Qwen/Qwen3-0.6B ... -32B, openai/gsm8k) in its published layout, with
+    the real vocabulary and tiny random weights; {(repo_type, repo_id): folder}. See tests/fake_hub.py."""
+    from tests import fake_hub
+
+    return fake_hub.write_all_repos(tmp_path_factory.mktemp("hub_repos"))
+
+
+@pytest.fixture(scope="session")
+def hf_cache(tmp_path_factory, hub_repos) -> pathlib.Path:
+    """A HF_HOME holding every repo of `hub_repos`, downloaded from a local stand-in for the Hub by
+    huggingface_hub's snapshot_download and datasets' load_dataset themselves: the cache a machine has after
+    downloading them (blobs, snapshot symlinks, refs/main, tree listings, the datasets arrow cache)."""
+    from tests import fake_hub
+
+    home = tmp_path_factory.mktemp("hf_home")
+    with fake_hub.FakeHub(hub_repos) as server:
+        fake_hub.populate_cache(home, server.url, list(fake_hub.QWEN3_REPOS))
+        assert not server.unhandled(), server.unhandled()
+    return home

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import logging
 import os
 import pathlib
 import sysconfig
@@ -66,26 +67,57 @@ def hf_dataset(name: str, config_name: str | None = None, split: str = "train", 
             raise DataSourceError(f"cannot tell the format of {name!r}; use .json, .jsonl, .parquet or .csv files")
         if "*" not in name and not os.path.isfile(name):
             raise DataSourceError(f"data file {name!r} does not exist")
-    elif not hub.hub_offline():
-        # Offline mode reads the local HF cache; otherwise fail in seconds, not after a minute of retries.
-        hub.require_hub("the dataset", name, OFFLINE_HINT)
     try:
         if local:
             ds = datasets.load_dataset(LOCAL_FILE_FORMATS[suffix], data_files={split: name}, split=split)
         else:
-            ds = datasets.load_dataset(name, config_name, split=split)
+            ds = _hub_dataset(name, config_name, split)
     except ValueError as err:
         if "split" in str(err).lower():
             raise DataSourceError(f"dataset {name!r} has no split {split!r} ({err})") from err
         raise
-    except Exception as err:  # datasets wraps hub failures in its own exception types
-        if hub.caused_by_connection_failure(err) or type(err).__name__ in ("DatasetNotFoundError", "OfflineModeIsEnabled"):
-            raise hub.HubUnreachableError(
-                hub.unreachable_message("the dataset", name, type(err).__name__, OFFLINE_HINT)) from err
-        raise
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     return [_to_text(dict(row)) for row in ds]
+
+
+def _hub_dataset(name: str, config_name: str | None, split: str):
+    """A hub dataset through `datasets` (which reads its own arrow cache when offline), else from the dataset
+    repo's snapshot in the HF hub cache: datasets never reads that cache, so a repo fetched for offline use
+    with `huggingface-cli download --repo-type dataset` or `snapshot_download` would count as missing."""
+    import datasets
+
+    reason, cause, fixes = None, None, OFFLINE_HINT
+    if not hub.hub_offline():
+        # Offline mode reads the local caches; otherwise fail in seconds, not after a minute of retries.
+        reason = hub.probe_hub()
+        if reason is not None:
+            fixes = (f"{OFFLINE_HINT}. If the dataset is in the datasets cache (HF_DATASETS_CACHE), set "
+                     "HF_HUB_OFFLINE=1: datasets reads that cache only in offline mode")
+    if reason is None:
+        try:
+            return datasets.load_dataset(name, config_name, split=split)
+        except Exception as err:  # datasets wraps hub failures in its own exception types
+            if not (hub.caused_by_connection_failure(err) or
+                    type(err).__name__ in ("DatasetNotFoundError", "OfflineModeIsEnabled")):
+                raise
+            reason, cause = type(err).__name__, err
+    snapshot = _hub_cache_snapshot(name)
+    if snapshot is None:
+        raise hub.HubUnreachableError(hub.unreachable_message("the dataset", name, reason, fixes)) from cause
+    logging.info("the dataset %s is not reachable through datasets (%s); loading its snapshot %s from the HF hub "
+                 "cache", name, reason, snapshot)
+    return datasets.load_dataset(snapshot, config_name, split=split)
+
+
+def _hub_cache_snapshot(name: str) -> str | None:
+    """The folder of the dataset repo `name` in the local HF hub cache (what refs/main names), or None."""
+    import huggingface_hub
+
+    try:
+        return huggingface_hub.snapshot_download(name, repo_type="dataset", local_files_only=True)
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or known to be incomplete
+        return None
 
 
 def tfds_dataset(name: str, split: str = "train", data_dir: str | None = None, limit: int | None = None) -> list[Example]:

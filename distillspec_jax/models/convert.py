@@ -149,20 +149,42 @@ _CHECKPOINT_FIXES = ("download the checkpoint on a machine with Hub access and p
                      "(a folder with config.json and *.safetensors), or use the offline ':tiny' preset")
 
 
+def missing_checkpoint_files(folder: pathlib.Path) -> list[str]:
+    """What a folder lacks to be a loadable checkpoint: config.json, and every weight file (each shard that
+    model.safetensors.index.json names, or at least one *.safetensors when there is no index)."""
+    missing = [] if (folder / CONFIG_FILE).is_file() else [CONFIG_FILE]
+    index = folder / INDEX_FILE
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing += [name for name in shards if not (folder / name).is_file()]
+    elif not list(folder.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    return missing
+
+
 def _download(hub_id: str) -> pathlib.Path:
     import huggingface_hub
 
+    fixes = _CHECKPOINT_FIXES
     try:  # the local HF cache first: it works offline
-        return pathlib.Path(huggingface_hub.snapshot_download(hub_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
+        folder = pathlib.Path(huggingface_hub.snapshot_download(hub_id, allow_patterns=HUB_PATTERNS,
+                                                                local_files_only=True))
+        # A snapshot folder also exists when only some files were fetched: AutoTokenizer.from_pretrained(id)
+        # leaves config.json and the tokenizer files, an interrupted download leaves some of the shards.
+        missing = missing_checkpoint_files(folder)
+        if not missing:
+            return folder
+        fixes = (f"the cached snapshot {folder} lacks {', '.join(missing)} (only part of the repo was downloaded, "
+                 f"e.g. just its tokenizer); {_CHECKPOINT_FIXES}")
     except (OSError, ValueError):
         pass
-    hub.require_hub("the checkpoint", hub_id, _CHECKPOINT_FIXES)
+    hub.require_hub("the checkpoint", hub_id, fixes)
     try:
         return pathlib.Path(huggingface_hub.snapshot_download(hub_id, allow_patterns=HUB_PATTERNS))
     except OSError as err:
         if hub.caused_by_connection_failure(err):
             raise hub.HubUnreachableError(hub.unreachable_message("the checkpoint", hub_id, str(err),
-                                                                  _CHECKPOINT_FIXES)) from err
+                                                                  fixes)) from err
         raise
 
 
