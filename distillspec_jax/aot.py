@@ -46,6 +46,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from distillspec_jax import errors
 from distillspec_jax import evaluate as ev
 from distillspec_jax import generate as gen
 from distillspec_jax import sharding as shd
@@ -343,7 +344,7 @@ class FitEstimate:
                 "gradients only, from shapes and shardings (no compile)"}
 
 
-class DoesNotFitError(ValueError):
+class DoesNotFitError(errors.UserError, ValueError):
     """The config cannot fit the chips' memory; the message names the setting that makes it fit."""
 
 

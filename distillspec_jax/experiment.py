@@ -98,6 +98,18 @@ def validate(c: ConfigDict) -> tuple[str, ...]:
     return parse_stages(c.stages)
 
 
+def check_memory(c: ConfigDict, devices: Sequence[Any]) -> None:
+    """Refuses a run whose weights, optimizer state and gradients do not fit its chips' memory on its mesh,
+    naming a mesh that fits (aot.check_fits: shapes only, no weights, no compile). Host RAM is no chip
+    memory: on CPU devices, and for the offline tiny models, there is nothing to check."""
+    from distillspec_jax import aot
+
+    kind = devices[0].device_kind
+    if c.target.model == TINY or not any(kind == k or kind.startswith(k) for k in aot.CHIPS):
+        return
+    aot.check_fits(c, devices)
+
+
 def check_mesh(c: ConfigDict, mesh) -> None:
     """Batch sizes against the mesh, before anything compiles."""
     accum = c.distill.grad_accum_steps
@@ -486,6 +498,7 @@ def run(c: ConfigDict, workdir: str, observe: Callable[[str], AbstractContextMan
     shd.maybe_initialize_distributed(c.distributed)
     mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     check_mesh(c, mesh)
+    check_memory(c, jax.devices())  # before any download or conversion
     with lease.WorkdirLock(str(wd.path(workdir))):  # one run at a time (process 0 holds it)
         return _run_stages(c, workdir, stages, mesh, observe or (lambda stage: contextlib.nullcontext()))
 

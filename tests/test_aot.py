@@ -166,3 +166,23 @@ def test_cli_unknown_topology_exits_with_the_known_names():
                            "--topology=v7x-8"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "unknown TPU topology 'v7x-8'" in proc.stderr and "v5e-16" in proc.stderr
+
+
+class _FakeChip:
+    """A device as experiment.check_memory reads it: its kind only (no TPU on a CI host)."""
+
+    def __init__(self, kind: str):
+        self.device_kind = kind
+
+
+def test_run_refuses_a_teacher_that_does_not_fit_before_any_model_loads():
+    """0.6B -> 8B with the default mesh (data = -1: the bfloat16 8B teacher replicated) on 16 v5e chips of
+    16 GiB: refused with the fsdp setting that fits; the same config on 8 H200s of 141 GB passes."""
+    from configs import jsd
+    from distillspec_jax import experiment
+
+    c = jsd.get_config()
+    with pytest.raises(aot.DoesNotFitError, match=r"mesh that fits: --config\.mesh\.data=\d+ --config\.mesh\.fsdp=\d+ --config\.mesh\.tensor=\d+"):
+        experiment.check_memory(c, [_FakeChip("TPU v5 lite")] * 16)
+    experiment.check_memory(c, [_FakeChip("NVIDIA H200")] * 8)
+    experiment.check_memory(c, jax.devices())  # CPU devices: host RAM is no chip memory, nothing to check
