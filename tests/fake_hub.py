@@ -421,7 +421,7 @@ def offline_env(hf_home: pathlib.Path) -> dict[str, str]:
 
 _POPULATE = """
 import sys, huggingface_hub, datasets
-models, dataset_ids = sys.argv[1].split(","), [d for d in sys.argv[2].split(",") if d]
+models, dataset_ids = ([i for i in arg.split(",") if i] for arg in sys.argv[1:3])
 for repo_id in models:
     print(huggingface_hub.snapshot_download(repo_id), flush=True)
 for repo_id in dataset_ids:

@@ -269,3 +269,22 @@ def test_a_dataset_in_the_hub_cache_alone_loads_without_the_hub(hub_state, hf_ca
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))
     with pytest.raises(hub.HubUnreachableError, match="not in the local Hugging Face cache"):
         sources.load("hf", fake_hub.GSM8K_ID, "main", "test")
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+
+
+def test_gsm8k_without_its_question_field_is_refused_before_any_model_loads(hub_repos, tmp_path):
+    # openai/gsm8k as the default config reads it, but with the question column named `problem`.
+    bad = {("dataset", fake_hub.GSM8K_ID): fake_hub.write_gsm8k_repo(tmp_path / "repo", rename={"question": "problem"})}
+    home, workdir = tmp_path / "hf", tmp_path / "run"
+    with fake_hub.FakeHub(bad) as server:
+        fake_hub.populate_cache(home, server.url, models=())
+    proc = run_main(workdir, *SIZES, config="configs/jsd.py", env={**fake_hub.offline_env(home), **JAX_ENV},
+                    check=False)
+    assert proc.returncode != 0
+    assert re.search(r"openai/gsm8k.*row 1: no field 'question' \(found fields: answer, problem\); task 'gsm8k'",
+                     proc.stderr), proc.stderr[-3000:]
+    assert "[prepare]" not in proc.stdout and not (workdir / "models").exists()  # no model was touched
