@@ -46,6 +46,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from distillspec_jax import costs
 from distillspec_jax import evaluate as ev
 from distillspec_jax import generate as gen
 from distillspec_jax import sharding as shd
@@ -53,9 +54,9 @@ from distillspec_jax import speculative as spec
 from distillspec_jax import train
 from distillspec_jax.data import pipeline
 from distillspec_jax.models import qwen3
+from distillspec_jax.costs import CHIPS, GiB, chip
 from distillspec_jax.sampling import Sampler
 
-GiB = 2**30
 HEADROOM = 0.10  # fraction of each chip's HBM left to the runtime (its own buffers, fragmentation)
 TPU_INSTALL = 'pip install -r requirements-tpu.txt   (or: pip install "jax[tpu]=={jax}")'
 TINY = "tiny"  # model source of the embedded offline preset (experiment.TINY)
@@ -64,36 +65,6 @@ TINY = "tiny"  # model source of the embedded offline preset (experiment.TINY)
 # ----------------------------------------------------------------------------------------------
 # Chips and topologies
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """One accelerator chip: the memory the verdict budgets against, and the vendor peaks of the roofline."""
-
-    name: str  # short name: v5p, H100
-    hbm_bytes: int  # memory per chip (design §9)
-    peak_flops: float  # dense bfloat16 FLOP/s per chip, vendor figure
-    hbm_bytes_per_s: float  # HBM bandwidth per chip, vendor figure
-
-
-# Keyed by jax's Device.device_kind (GPUs by the prefix of theirs, e.g. 'NVIDIA H100 80GB HBM3').
-CHIPS: dict[str, Chip] = {
-    "TPU v4": Chip("v4", 32 * GiB, 275e12, 1.23e12),
-    "TPU v5 lite": Chip("v5e", 16 * GiB, 197e12, 0.82e12),
-    "TPU v5": Chip("v5p", 95 * GiB, 459e12, 2.77e12),
-    "TPU v6 lite": Chip("v6e", 32 * GiB, 918e12, 1.64e12),
-    "NVIDIA H100": Chip("H100", 80 * 10**9, 989e12, 3.35e12),
-    "NVIDIA H200": Chip("H200", 141 * 10**9, 989e12, 4.8e12),
-}
-
-
-def chip(device_kind: str) -> Chip:
-    """The Chip of a jax device kind ('TPU v5 lite', 'NVIDIA H100 80GB HBM3') or of a short name ('v5e', 'H100')."""
-    for kind, c in CHIPS.items():
-        if device_kind == kind or device_kind == c.name or (kind.startswith("NVIDIA") and device_kind.startswith(kind)):
-            return c
-    raise ValueError(f"no HBM figure for device kind {device_kind!r}; known: {sorted(CHIPS)} "
-                     f"(or short names {[c.name for c in CHIPS.values()]})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,14 +363,17 @@ def estimate_fit(c: ConfigDict, device_kind: str, num_devices: int, mesh: dict[s
 
 
 def check_fits(c: ConfigDict, devices: Sequence[jax.Device] | None = None, *, device_kind: str | None = None,
-               num_devices: int | None = None, headroom: float = HEADROOM) -> FitEstimate:
+               num_devices: int | None = None, headroom: float = HEADROOM) -> FitEstimate | None:
     """Refuses (DoesNotFitError) a config whose resident weights, optimizer state and gradients alone exceed
     the chips' memory on its mesh, naming the first mesh that fits; returns the estimate otherwise. Cheap (no
-    compile, no weights): call it before downloading or converting anything. Pass jax devices (default: all)
-    or a device kind and count (e.g. 'NVIDIA H100', 1) to check hardware this host does not have."""
+    compile, no weights: seconds, mostly building the abstract models): call it before downloading or
+    converting anything. Pass jax devices (default: all), or a device kind and count (e.g. 'NVIDIA H100', 1)
+    to check hardware this host does not have. Devices of no known HBM size (CPUs) are not checked: None."""
     if device_kind is None:
         devices = list(jax.devices() if devices is None else devices)
         device_kind, num_devices = devices[0].device_kind, len(devices)
+        if not any(device_kind == k or device_kind.startswith(k) for k in CHIPS):
+            return None
     est = estimate_fit(c, device_kind, num_devices, headroom=headroom)
     if est.fits:
         return est
@@ -628,62 +602,45 @@ def compile_all(c: ConfigDict, devices: Sequence[jax.Device], only: Sequence[str
 # ----------------------------------------------------------------------------------------------
 
 
-def matmul_params(cfg: qwen3.Qwen3Config) -> int:
-    """Weights multiplied per token: every layer's projections and the LM head (the embedding is a lookup)."""
-    d, f, h, n, k = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-    return cfg.num_hidden_layers * (2 * d * n * h + 2 * d * k * h + 3 * d * f) + d * cfg.vocab_size
-
-
-def forward_flops(cfg: qwen3.Qwen3Config, tokens: int, keys: int) -> float:
-    """FLOPs of a forward pass over `tokens` tokens each attending to `keys` positions (computed, masked or not)."""
-    attention = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * keys
-    return float(tokens * (2 * matmul_params(cfg) + attention))
-
-
-def _step_seconds(cfg: qwen3.Qwen3Config, param_bytes: int, rows: int, tokens: int, cache_len: int, tensor: int,
-                  c: Chip) -> float:
-    """Roofline of one cached decode step of `tokens` tokens for `rows` rows on one chip: every weight is read
-    once (its 1/tensor share) plus this chip's rows of the KV cache, or the FLOPs, whichever takes longer."""
-    kv = 2 * cfg.num_hidden_layers * rows * cache_len * cfg.num_key_value_heads * cfg.head_dim
-    kv_bytes = kv * np.dtype(qwen3.resolve_dtype(cfg.dtype)).itemsize / tensor
-    flops = forward_flops(cfg, rows * tokens, cache_len) / tensor
-    return max((param_bytes / tensor + kv_bytes) / c.hbm_bytes_per_s, flops / c.peak_flops)
+def _decode_step_seconds(cfg: qwen3.Qwen3Config, rows: int, tokens: int, context: int, tensor: int, hw: costs.Chip
+                         ) -> float:
+    """Roofline of one cached decode step of `tokens` tokens for this chip's `rows` rows: its 1/tensor share of
+    every weight and of its rows' KV cache read once (weights gathered over fsdp or replicated), or its FLOPs,
+    whichever takes longer."""
+    step_bytes = costs.decode_step_bytes(cfg, rows, context) / tensor
+    flops = rows * tokens * costs.forward_flops_per_token(cfg, context) / tensor
+    return max(step_bytes / hw.hbm_bytes_per_s, flops / hw.peak_flops)
 
 
 def roofline(c: ConfigDict, device_kind: str, num_devices: int, gamma: int = 4) -> dict[str, Any]:
-    """Analytic lower bounds of time at 100% of the vendor peaks (labelled estimates, not measurements):
-    the distillation step (FLOPs-bound: target forward, draft forward + backward + remat's second forward),
-    one speculative block at γ and one target-only decode step (bytes-bound: weights and KV cache read)."""
-    sizes = shd.mesh_sizes(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
-    data, fsdp, tensor = sizes
+    """Analytic lower bounds of time at 100% of the vendor peaks (labelled estimates, not measurements): the
+    distillation step (FLOPs over all chips: target forward, draft forward + backward + remat's second forward,
+    AdaSPEC's reference forward), one speculative block at γ (γ draft steps, the first of two tokens, and the
+    target's (γ + 1)-token verify call) and one decode step of each model (bytes: weights and KV cache)."""
+    data, fsdp, tensor = shd.mesh_sizes(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
     hw, s = chip(device_kind), run_shapes(c)
     target_cfg, draft_cfg = model_config(c, "target"), model_config(c, "draft")
-    tokens = s.train_batch * s.train_len
-    passes = 3 + (1 if c.distill.remat else 0)  # forward, backward (2x), recomputed forward
-    flops = forward_flops(draft_cfg, tokens, s.train_len) * passes
-    if c.distill.divergence != "ce":
-        flops += forward_flops(target_cfg, tokens, s.train_len)
-    if c.distill.adaspec_fraction > 0:
-        flops += forward_flops(draft_cfg, tokens, s.train_len)  # the reference's forward
+    positions = s.train_batch * s.train_len
+    draft_passes = 3 + (1 if c.distill.remat else 0) + (1 if c.distill.adaspec_fraction > 0 else 0)
+    target_passes = 0 if c.distill.divergence == "ce" else 1
+    flops = positions * (draft_passes * costs.forward_flops_per_token(draft_cfg, s.train_len)
+                         + target_passes * costs.forward_flops_per_token(target_cfg, s.train_len))
     step_s = flops / (num_devices * hw.peak_flops)
     rows = max(s.eval_batch // (data * fsdp), 1)
-    cache = spec.required_cache_len(s.prompt_len, s.eval_tokens, gamma)
-    # Each chip reads every weight of a decode step (its tensor share), gathered over fsdp or replicated.
-    t_bytes = target_cfg.num_params() * np.dtype(qwen3.resolve_dtype(target_cfg.param_dtype)).itemsize
-    d_bytes = draft_cfg.num_params() * np.dtype(qwen3.resolve_dtype(draft_cfg.param_dtype)).itemsize
-    draft_s = _step_seconds(draft_cfg, d_bytes, rows, 2, cache, tensor, hw) + \
-        (gamma - 1) * _step_seconds(draft_cfg, d_bytes, rows, 1, cache, tensor, hw)
-    verify_s = _step_seconds(target_cfg, t_bytes, rows, gamma + 1, cache, tensor, hw)
-    target_step_s = _step_seconds(target_cfg, t_bytes, rows, 1, s.prompt_len + s.eval_tokens, tensor, hw)
+    context = spec.required_cache_len(s.prompt_len, s.eval_tokens, gamma)
+    draft_s = (_decode_step_seconds(draft_cfg, rows, 2, context, tensor, hw)
+               + (gamma - 1) * _decode_step_seconds(draft_cfg, rows, 1, context, tensor, hw))
+    verify_s = _decode_step_seconds(target_cfg, rows, gamma + 1, context, tensor, hw)
+    decode_context = s.prompt_len + s.eval_tokens
     return {
-        "label": "analytic roofline at 100% of vendor peak FLOP/s and HBM bandwidth (lower bounds; no "
-                 "collectives, no sampler): estimates, not measurements",
-        "chip": hw.name, "num_devices": num_devices, "mesh": dict(zip(shd.MESH_AXES, sizes)),
-        "distill_step_s": step_s, "distill_step_flops": flops,
-        "distill_positions_per_s": tokens / step_s,
+        "label": "analytic roofline at 100% of vendor peak FLOP/s and HBM bandwidth (lower bounds: no collectives, "
+                 "no sampler, no overlap losses): estimates, not measurements",
+        "chip": hw.name, "num_devices": num_devices, "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor},
+        "distill_step_s": step_s, "distill_step_flops": flops, "distill_positions_per_s": positions / step_s,
         "gamma": gamma, "speculative_block_s": draft_s + verify_s, "speculative_block_draft_s": draft_s,
-        "speculative_block_verify_s": verify_s, "target_decode_step_s": target_step_s,
-        "draft_decode_step_s": _step_seconds(draft_cfg, d_bytes, rows, 1, s.prompt_len + s.eval_tokens, tensor, hw),
+        "speculative_block_verify_s": verify_s,
+        "target_decode_step_s": _decode_step_seconds(target_cfg, rows, 1, decode_context, tensor, hw),
+        "draft_decode_step_s": _decode_step_seconds(draft_cfg, rows, 1, decode_context, tensor, hw),
     }
 
 
@@ -740,7 +697,7 @@ def preflight(c: ConfigDict, topology_name: str, *, only: Sequence[str] | None =
     result: dict[str, Any] = {
         "tool": "distillspec_jax.aot",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "host": {"machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count()},
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
         "versions": versions,
         "models": {"target": c.target.model, "draft": c.draft.model},
         "topology": {**topo, "devices": num_devices, "device_kind": kind},
@@ -784,14 +741,6 @@ def preflight(c: ConfigDict, topology_name: str, *, only: Sequence[str] | None =
                 result["suggested_mesh"] = candidate
                 break
     return result
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def verdict(result: dict[str, Any]) -> str:
