@@ -163,7 +163,7 @@ def plan(scale: str, topology: str, divergences: Sequence[str], generators: Sequ
     def seconds(c) -> dict[str, float]:
         mesh = None
         if not aot.estimate_fit(c, kind, chips).fits:
-            mesh = next((m for m in aot.candidate_meshes(c, chips) if aot.estimate_fit(c, kind, chips, m).fits), None)
+            mesh = aot.fitting_mesh(c, kind, chips)
             if mesh is None:
                 raise ValueError(f"preset {scale!r} does not fit {topology} on any mesh (cheap estimate)")
             c.mesh.update(mesh)

@@ -373,6 +373,14 @@ def estimate_fit(c: ConfigDict, device_kind: str, num_devices: int, mesh: dict[s
                        peak_phase=peak_phase, peak_bytes=sum(phase_bytes[peak_phase].values()))
 
 
+def fitting_mesh(c: ConfigDict, device_kind: str, num_devices: int, headroom: float = HEADROOM
+                 ) -> dict[str, int] | None:
+    """The least-sharded mesh (data parallelism first, then fsdp, then tensor) on which the cheap estimate
+    fits, or None when none does: what a launcher or experiment.run could pick instead of a fixed mesh."""
+    return next((m for m in candidate_meshes(c, num_devices)
+                 if estimate_fit(c, device_kind, num_devices, m, headroom).fits), None)
+
+
 def check_fits(c: ConfigDict, devices: Sequence[jax.Device] | None = None, *, device_kind: str | None = None,
                num_devices: int | None = None, headroom: float = HEADROOM) -> FitEstimate | None:
     """Refuses (DoesNotFitError) a config whose resident weights, optimizer state and gradients alone exceed
@@ -388,8 +396,7 @@ def check_fits(c: ConfigDict, devices: Sequence[jax.Device] | None = None, *, de
     est = estimate_fit(c, device_kind, num_devices, headroom=headroom)
     if est.fits:
         return est
-    suggestion = next((m for m in candidate_meshes(c, num_devices)
-                       if estimate_fit(c, device_kind, num_devices, m, headroom).fits), None)
+    suggestion = fitting_mesh(c, device_kind, num_devices, headroom)
     phase = est.phase_bytes[est.peak_phase]
     detail = ", ".join(f"{k} {v / GiB:.2f}" for k, v in phase.items())
     fix = (f"a mesh that fits: {mesh_flags(suggestion)}" if suggestion else
@@ -529,7 +536,8 @@ class ProgramReport:
     """Per chip, one compiled program (sizes in bytes, from compiled.memory_analysis())."""
 
     name: str
-    compile_s: float
+    compile_s: float  # wall seconds of lower + compile
+    compile_cpu_s: float  # this process's CPU seconds meanwhile (all threads): less sensitive to a busy host
     argument_bytes: int
     temp_bytes: int
     output_bytes: int
@@ -552,9 +560,9 @@ class ProgramReport:
 
 
 def compile_program(program: Program, run: Run, budget_bytes: int) -> ProgramReport:
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     compiled = program.lower().compile()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     m = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, (list, tuple)):  # older jax returned one dict per device program
@@ -563,7 +571,7 @@ def compile_program(program: Program, run: Run, budget_bytes: int) -> ProgramRep
     total = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
              + m.generated_code_size_in_bytes + resident)
     return ProgramReport(
-        name=program.name, compile_s=round(seconds, 2), argument_bytes=int(m.argument_size_in_bytes),
+        name=program.name, compile_s=round(seconds, 2), compile_cpu_s=round(cpu_seconds, 2), argument_bytes=int(m.argument_size_in_bytes),
         temp_bytes=int(m.temp_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
         alias_bytes=int(m.alias_size_in_bytes), generated_code_bytes=int(m.generated_code_size_in_bytes),
         resident_bytes=int(resident), resident=program.resident, total_bytes=int(total), budget_bytes=budget_bytes,
@@ -777,9 +785,7 @@ def preflight(c: ConfigDict, topology_name: str, *, only: Sequence[str] | None =
         "search": [],
     }
     if not estimate.fits:
-        result["estimate_suggested_mesh"] = next(
-            (m for m in candidate_meshes(c, num_devices) if estimate_fit(c, kind, num_devices, m, headroom).fits),
-            None)
+        result["estimate_suggested_mesh"] = fitting_mesh(c, kind, num_devices, headroom)
     if not fits and not estimate_only:
         # Compile what did not fit (everything selected, when the estimate already refused) on other meshes.
         failing = [r.name for r in reports if not r.fits] or only
