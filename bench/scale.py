@@ -63,6 +63,11 @@ def main() -> None:
             done[(preset, topology)] = row
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
+    for row in done.values():  # the analytic estimates with today's formulas (cells may come from older runs)
+        for attempt in row["attempts"]:
+            c = jsd.get_config(row["preset"])
+            c.mesh.update(attempt["mesh"])
+            attempt["roofline"] = aot.roofline(c, attempt["topology"]["device_kind"], attempt["topology"]["devices"])
     common.print_json({"benchmark": "scale", "machine": common.machine_info(), "programs": programs,
                        "cells": list(done.values())})
 

@@ -466,10 +466,10 @@ def programs(run: Run) -> list[Program]:
     def eval_programs(stage: str):
         if c.eval.timing_repeats > 0:
             def decode_steps(name, graphdef, state, cfg, tokens, resident):
-                # evaluate.decode_step_seconds builds its cache with KVCache.init outside jit: a replicated array.
-                cache = jax.tree.map(lambda x: _abstract(x.shape, x.dtype, repl),
-                                     jax.eval_shape(lambda: qwen3.KVCache.init(cfg, s.eval_batch, eval_cache)))
-                first = _abstract((s.eval_batch,), jnp.int32, repl)
+                # evaluate.decode_step_seconds builds its cache with KVCache.init outside jit: uncommitted arrays,
+                # whose sharding jit leaves to the compiler, as it does for abstract arrays without one.
+                cache = jax.eval_shape(lambda: qwen3.KVCache.init(cfg, s.eval_batch, eval_cache))
+                first = jax.ShapeDtypeStruct((s.eval_batch,), jnp.int32)
                 lower = functools.partial(ev._decode_steps.lower, graphdef, state, cache, first,
                                           steps=ev.STEPS_PER_TIMING, tokens_per_step=tokens)
                 out.append(Program(name, lower, resident))
