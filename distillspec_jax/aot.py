@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import platform
@@ -178,6 +179,10 @@ def topology_devices(name: str) -> list[jax.Device]:
 # ----------------------------------------------------------------------------------------------
 
 
+class UnknownShapeError(ValueError):
+    """A model whose shapes cannot be known without downloading its config (a hub id outside qwen3.PRESETS)."""
+
+
 def model_config(c: ConfigDict, which: str) -> qwen3.Qwen3Config:
     """The Qwen3Config that `experiment.prepare` would load for config.<which>, from shapes known offline: the
     published preset of a hub id, a local checkpoint's config.json, or the :tiny build's fields."""
@@ -193,8 +198,8 @@ def model_config(c: ConfigDict, which: str) -> qwen3.Qwen3Config:
         try:
             cfg = qwen3.preset(m.model)
         except ValueError as e:
-            raise ValueError(f"config.{which}.model={m.model!r}: no shape is known offline ({e}); point it at a "
-                             "local checkpoint folder to pre-flight it") from None
+            raise UnknownShapeError(f"config.{which}.model={m.model!r}: no shape is known offline ({e}); point it "
+                                    "at a local checkpoint folder to pre-flight it") from None
     return cfg.replace(dtype=m.dtype, param_dtype=m.param_dtype)
 
 
@@ -387,13 +392,18 @@ def check_fits(c: ConfigDict, devices: Sequence[jax.Device] | None = None, *, de
     the chips' memory on its mesh, naming the first mesh that fits; returns the estimate otherwise. Cheap (no
     compile, no weights: seconds, mostly building the abstract models): call it before downloading or
     converting anything. Pass jax devices (default: all), or a device kind and count (e.g. 'NVIDIA H100', 1)
-    to check hardware this host does not have. Devices of no known HBM size (CPUs) are not checked: None."""
+    to check hardware this host does not have. Devices of no known HBM size (CPUs), and models whose shapes
+    are not known offline (a hub id outside qwen3.PRESETS), are not checked: None, with a warning for the latter."""
     if device_kind is None:
         devices = list(jax.devices() if devices is None else devices)
         device_kind, num_devices = devices[0].device_kind, len(devices)
         if not any(device_kind == k or device_kind.startswith(k) for k in CHIPS):
             return None
-    est = estimate_fit(c, device_kind, num_devices, headroom=headroom)
+    try:
+        est = estimate_fit(c, device_kind, num_devices, headroom=headroom)
+    except UnknownShapeError as e:
+        logging.warning("memory check skipped: %s", e)
+        return None
     if est.fits:
         return est
     suggestion = fitting_mesh(c, device_kind, num_devices, headroom)
