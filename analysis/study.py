@@ -3,6 +3,8 @@ preset, the undistilled and supervised baselines, a transfer check, and the aggr
 
     python -m analysis.study --out=/tmp/study                 # the full grid (resumes a half-finished one)
     python -m analysis.study --out=/tmp/study --aggregate     # only re-aggregate what is there
+    python -m analysis.study --scale=0.6b-8b --topology=v5p-8 --plan   # the grid at a real preset: cells and
+                                                                      # estimated chip-hours, nothing run
 
 Layout of --out:
     models/                      the tiny models, built once and shared by every cell
@@ -135,6 +137,75 @@ def run_transfer(out: str, preset: str, seed: int, steps: int | None) -> None:
               "before": experiment.evaluate(c, workdir, models, models.draft, mesh, "transfer: before"),
               "after": experiment.evaluate(c, workdir, models, distilled, mesh, "transfer: after")}
     wd.write_json(wd.path(target_file), result)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan: the grid at a real preset on a TPU slice, and its estimated cost
+# ----------------------------------------------------------------------------------------------
+
+GSM8K_TRAIN_EXAMPLES = 7473  # openai/gsm8k 'main' train split: the real presets' data when taking all of it
+ASSUMED_ALPHA = 0.6  # acceptance rate assumed for the speculative runs' length (measured only after a run)
+
+
+def plan(scale: str, topology: str, divergences: Sequence[str], generators: Sequence[str], seeds: Sequence[int],
+         supervised: bool, steps: int | None, transfer: bool, train_examples: int = GSM8K_TRAIN_EXAMPLES
+         ) -> dict[str, Any]:
+    """What run_grid would run with preset `scale` on TPU slice `topology`: per seed the shared base (target
+    responses and the undistilled draft's evaluation), per cell the distillation and its evaluation, and the
+    transfer evaluations; each with its roofline seconds (distillspec_jax.aot.run_seconds: lower bounds at
+    100% of peak, estimates) and chip-hours. A config whose weights do not fit the slice's default mesh is
+    planned on the mesh the pre-flight's cheap estimate names."""
+    from distillspec_jax import aot
+
+    slice_ = aot.topology(topology)
+    kind, chips = slice_.device_kind, slice_.chips
+
+    def seconds(c) -> dict[str, float]:
+        mesh = None
+        if not aot.estimate_fit(c, kind, chips).fits:
+            mesh = aot.fitting_mesh(c, kind, chips)
+            if mesh is None:
+                raise ValueError(f"preset {scale!r} does not fit {topology} on any mesh (cheap estimate)")
+            c.mesh.update(mesh)
+        return {**aot.run_seconds(c, kind, chips, train_examples=train_examples, alpha=ASSUMED_ALPHA),
+                "mesh": dict(zip(("data", "fsdp", "tensor"), aot.shd.mesh_sizes(c.mesh.data, c.mesh.fsdp,
+                                                                                  c.mesh.tensor, chips)))}
+
+    cells = [(d, g) for d in divergences for g in generators] + ([("ce", "fixed")] if supervised else [])
+    rows = []
+    for seed in seeds:
+        base = seconds(cell_config(scale, "jsd", "target", seed, "", steps))
+        rows.append({"name": f"base-s{seed}", "seconds": base["data_s"] + base["eval_s"], "mesh": base["mesh"]})
+        for divergence, generator in cells:
+            t = seconds(cell_config(scale, divergence, generator, seed, "", steps))
+            rows.append({"name": cell_name(divergence, generator, seed), "mesh": t["mesh"],
+                         "seconds": t["reference_s"] + t["distill_s"] + t["eval_s"],
+                         "distill_step_s": t["distill_step_s"]})
+        if transfer and TRANSFER_CELL[0] in divergences and TRANSFER_CELL[1] in generators:
+            t = seconds(cell_config(scale, *TRANSFER_CELL, seed, "", steps))
+            rows.append({"name": f"transfer/{cell_name(*TRANSFER_CELL, seed)}", "seconds": 2 * t["eval_s"],
+                         "mesh": t["mesh"]})
+    for row in rows:
+        row["chip_hours"] = row["seconds"] * chips / 3600
+    return {"scale": scale, "topology": topology, "chips": chips, "device_kind": kind,
+            "assumed_alpha": ASSUMED_ALPHA, "train_examples": train_examples, "cells": rows,
+            "total_hours": sum(r["seconds"] for r in rows) / 3600,
+            "total_chip_hours": sum(r["chip_hours"] for r in rows),
+            "label": "estimates: analytic roofline at 100% of vendor peaks (lower bounds), not measurements"}
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    lines = [f"study plan: preset {p['scale']} on {p['topology']} ({p['chips']} x {p['device_kind']}); "
+             f"{p['label']}; speculative runs sized with an assumed α = {p['assumed_alpha']}, "
+             f"{p['train_examples']} training prompts", "",
+             "| cell | mesh (data, fsdp, tensor) | hours | chip-hours |", "|---|---|---|---|"]
+    for r in p["cells"]:
+        mesh = r["mesh"]
+        lines.append(f"| {r['name']} | {mesh['data']}, {mesh['fsdp']}, {mesh['tensor']} | {r['seconds'] / 3600:.2f} | "
+                     f"{r['chip_hours']:.1f} |")
+    lines += ["", f"{len(p['cells'])} runs: {p['total_hours']:.1f} hours, {p['total_chip_hours']:.0f} chip-hours "
+              "(estimate; lower bound)"]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,7 +492,7 @@ def plot(summary: dict[str, Any], path: str, gamma: int | None = None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="study folder (resumed when it exists)")
+    parser.add_argument("--out", help="study folder (resumed when it exists); not needed with --plan")
     parser.add_argument("--preset", default="study", help="config preset of every cell: study (default) | test")
     parser.add_argument("--divergences", default=",".join(DIVERGENCES))
     parser.add_argument("--generators", default=",".join(GENERATORS))
@@ -430,6 +501,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no_supervised", action="store_true", help="skip the cross-entropy baseline")
     parser.add_argument("--no_transfer", action="store_true", help="skip the held-out-domain evaluation")
     parser.add_argument("--aggregate", action="store_true", help="only aggregate finished cells")
+    parser.add_argument("--plan", action="store_true", help="print the cells and their estimated chip-hours; run nothing")
+    parser.add_argument("--scale", default="", help="with --plan: a real preset (0.6b-8b, 1.7b-32b, ...)")
+    parser.add_argument("--topology", default="v5p-8", help="with --plan: the TPU slice (v5p-8, v5e-16, ...)")
     args = parser.parse_args(argv)
     divergences = [d for d in args.divergences.split(",") if d]
     generators = [g for g in args.generators.split(",") if g]
@@ -437,6 +511,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad:
         parser.error(f"unknown divergences/generators {bad}; choose from {DIVERGENCES} and {GENERATORS}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    if args.plan:
+        print(format_plan(plan(args.scale, args.topology, divergences, generators, seeds, not args.no_supervised,
+                               args.steps, not args.no_transfer)))
+        return 0
+    if not args.out:
+        parser.error("--out is required (except with --plan)")
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     if not args.aggregate:

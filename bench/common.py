@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distillspec_jax import costs
+from distillspec_jax.costs import (attention_flops_per_token, decode_step_bytes, dtype_bytes,  # noqa: F401
+                                   forward_flops_per_token, kv_bytes_per_token, matmul_params)
 from distillspec_jax.evaluate import median_seconds
 from distillspec_jax.models import qwen3
 
@@ -41,17 +44,13 @@ PRESET_ALIASES = {"0.6b": "Qwen3-0.6B", "1.7b": "Qwen3-1.7B", "4b": "Qwen3-4B", 
                   "14b": "Qwen3-14B", "32b": "Qwen3-32B"}
 MODEL_CHOICES = (*SMALL_SHAPES, *PRESET_ALIASES)
 
-# Dense peak FLOP/s of known accelerators in bfloat16 (vendor datasheets; H100/H200 SXM, no sparsity). Matched
+# Dense peak FLOP/s of known accelerators in bfloat16 (distillspec_jax.costs.CHIPS, vendor datasheets), matched
 # against `device.device_kind` by substring, longest key first. Anything else (a CPU) is measured.
 PEAK_BF16_FLOPS: dict[str, float] = {
-    "H100": 989e12,
-    "H200": 989e12,
+    **{kind: c.peak_flops for kind, c in costs.CHIPS.items()},
     "A100": 312e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e; runtimes spell device kinds differently, so both spellings are listed
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,  # v5p as older runtimes name it (checked after the longer v5 keys)
+    "TPU v5e": costs.CHIPS["TPU v5 lite"].peak_flops,  # runtimes spell device kinds differently
+    "TPU v5p": costs.CHIPS["TPU v5"].peak_flops,
 }
 
 
@@ -208,35 +207,8 @@ def random_prompts(batch: int, prompt_len: int, cfg: qwen3.Qwen3Config, seed: in
 # ----------------------------------------------------------------------------------------------
 
 
-def dtype_bytes(name: str) -> int:
-    return jnp.dtype(qwen3.resolve_dtype(name)).itemsize
-
-
-def matmul_params(cfg: qwen3.Qwen3Config) -> int:
-    """Parameters that take part in a matmul for every token: all of them except an untied input embedding,
-    which is only gathered (B rows per step). A tied embedding is the LM head and is read whole."""
-    return cfg.num_params() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
-
-
-def kv_bytes_per_token(cfg: qwen3.Qwen3Config) -> int:
-    """Bytes of keys and values one cached position holds, over all layers."""
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes(cfg.dtype)
-
-
-def decode_step_bytes(cfg: qwen3.Qwen3Config, batch: int, context: float) -> float:
-    """Bytes one decode step must read at least: every matmul weight once, plus each row's `context` cached
-    positions. (Activations, the embedding rows and the cache writes are a few KB and are left out.)"""
-    return matmul_params(cfg) * dtype_bytes(cfg.param_dtype) + batch * context * kv_bytes_per_token(cfg)
-
-
-def attention_flops_per_token(cfg: qwen3.Qwen3Config, context: float) -> float:
-    """Forward FLOPs of q·k and p·v for one query over `context` keys, all layers."""
-    return 4.0 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * context
-
-
-def forward_flops_per_token(cfg: qwen3.Qwen3Config, context: float) -> float:
-    """2·N (matmul weights) + attention, the forward pass of one token that attends to `context` keys."""
-    return 2.0 * matmul_params(cfg) + attention_flops_per_token(cfg, context)
+# dtype_bytes, matmul_params, kv_bytes_per_token, decode_step_bytes, attention_flops_per_token and
+# forward_flops_per_token live in distillspec_jax.costs (the pre-flight uses them too), imported above.
 
 
 # ----------------------------------------------------------------------------------------------

@@ -93,8 +93,42 @@ def profile_table(result: dict[str, Any]) -> str:
     return _table(header, [[str(result["batch"]), _f(result["op_ms_per_step"])] + [_f(v) for v in groups.values()]])
 
 
+def _compile_seconds(program: dict | None) -> str:
+    if program is None:
+        return "–"
+    cpu = program.get("compile_cpu_s")
+    return f"{program['compile_s']:.0f}" + ("" if cpu is None else f" ({cpu:.0f})")
+
+
+def scale_table(result: dict[str, Any]) -> str:
+    """One row per (preset, topology) of bench/scale.py: the mesh the run uses (the config's, or the one the
+    pre-flight named), its largest compiled program per chip against the budget, roofline estimates, and
+    compile seconds (wall, with CPU seconds in brackets)."""
+    header = ["preset", "topology", "default mesh", "mesh used (d, f, t)", "largest program", "GiB per chip / budget",
+              "fits", "est. step s", "est. positions/s", "est. block γ=4 ms",
+              "compile s: step / spec γ=4 / on-policy gen"]
+    rows = []
+    for cell in result["cells"]:
+        first, used = cell["attempts"][0], cell["attempts"][-1]
+        default = ("fits" if first["fits"] else "refused by the estimate" if not first["estimate"]["fits"]
+                   else "refused (compiled)")
+        programs = {p["name"]: p for p in used["programs"]}
+        largest, roof, mesh = used["largest"], used["roofline"], used["mesh"]
+        size = "–" if largest is None else (f"{largest['total_bytes'] / 2**30:.1f} / "
+                                            f"{used['chip']['budget_bytes'] / 2**30:.1f}")
+        topo = used["topology"]
+        rows.append([cell["preset"], f"{topo['name']} ({topo['devices']} x {used['chip']['name']}, "
+                                     f"{topo['hosts']} host{'s' if topo['hosts'] > 1 else ''})", default,
+                     f"{mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}", "–" if largest is None else largest["name"],
+                     size, "yes" if used["fits"] else "no", _f(roof["distill_step_s"], 3),
+                     f"{roof['distill_positions_per_s']:.0f}", _f(roof["speculative_block_s"] * 1e3, 1),
+                     " / ".join(_compile_seconds(programs.get(n)) for n in
+                                ("distill_step", "eval/T1/speculative_g4", "generate_draft_on_policy"))])
+    return _table(header, rows)
+
+
 TABLES = {"decode": decode_table, "speculative": speculative_tables, "distill_step": distill_table,
-          "profile_decode": profile_table}
+          "profile_decode": profile_table, "scale": scale_table}
 
 
 def main(argv: list[str] | None = None) -> None:

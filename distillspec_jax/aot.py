@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import platform
@@ -46,6 +47,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from distillspec_jax import costs
 from distillspec_jax import errors
 from distillspec_jax import evaluate as ev
 from distillspec_jax import generate as gen
@@ -54,9 +56,9 @@ from distillspec_jax import speculative as spec
 from distillspec_jax import train
 from distillspec_jax.data import pipeline
 from distillspec_jax.models import qwen3
+from distillspec_jax.costs import CHIPS, GiB, chip
 from distillspec_jax.sampling import Sampler
 
-GiB = 2**30
 HEADROOM = 0.10  # fraction of each chip's HBM left to the runtime (its own buffers, fragmentation)
 TPU_INSTALL = 'pip install -r requirements-tpu.txt   (or: pip install "jax[tpu]=={jax}")'
 TINY = "tiny"  # model source of the embedded offline preset (experiment.TINY)
@@ -68,36 +70,6 @@ TINY = "tiny"  # model source of the embedded offline preset (experiment.TINY)
 
 
 @dataclasses.dataclass(frozen=True)
-class Chip:
-    """One accelerator chip: the memory the verdict budgets against, and the vendor peaks of the roofline."""
-
-    name: str  # short name: v5p, H100
-    hbm_bytes: int  # memory per chip (design §9)
-    peak_flops: float  # dense bfloat16 FLOP/s per chip, vendor figure
-    hbm_bytes_per_s: float  # HBM bandwidth per chip, vendor figure
-
-
-# Keyed by jax's Device.device_kind (GPUs by the prefix of theirs, e.g. 'NVIDIA H100 80GB HBM3').
-CHIPS: dict[str, Chip] = {
-    "TPU v4": Chip("v4", 32 * GiB, 275e12, 1.23e12),
-    "TPU v5 lite": Chip("v5e", 16 * GiB, 197e12, 0.82e12),
-    "TPU v5": Chip("v5p", 95 * GiB, 459e12, 2.77e12),
-    "TPU v6 lite": Chip("v6e", 32 * GiB, 918e12, 1.64e12),
-    "NVIDIA H100": Chip("H100", 80 * 10**9, 989e12, 3.35e12),
-    "NVIDIA H200": Chip("H200", 141 * 10**9, 989e12, 4.8e12),
-}
-
-
-def chip(device_kind: str) -> Chip:
-    """The Chip of a jax device kind ('TPU v5 lite', 'NVIDIA H100 80GB HBM3') or of a short name ('v5e', 'H100')."""
-    for kind, c in CHIPS.items():
-        if device_kind == kind or device_kind == c.name or (kind.startswith("NVIDIA") and device_kind.startswith(kind)):
-            return c
-    raise ValueError(f"no HBM figure for device kind {device_kind!r}; known: {sorted(CHIPS)} "
-                     f"(or short names {[c.name for c in CHIPS.values()]})")
-
-
-@dataclasses.dataclass(frozen=True)
 class Topology:
     """A TPU slice as libtpu describes it for ahead-of-time compilation."""
 
@@ -105,6 +77,16 @@ class Topology:
     topology_name: str  # libtpu's: <generation>:<chips per dimension>
     chips_per_host_bounds: tuple[int, int, int] | None = None  # chips of one host; None: libtpu's default (2x2x1)
     chip_config_name: str | None = None  # 'megacore': one jax device per chip with both TensorCores (v4, v5p)
+
+    @property
+    def device_kind(self) -> str:
+        """jax's device kind of the slice's chips (known without libtpu)."""
+        return _DEVICE_KINDS[self.topology_name.split(":")[0]]
+
+    @property
+    def chips(self) -> int:
+        """Chips of the slice, one jax device each (megacore on v4 and v5p)."""
+        return math.prod(int(n) for n in self.topology_name.split(":")[1].split("x"))
 
 
 # v4 and v5p slice names count TensorCores (2 per chip) and their chips form a 3-D torus; v5e and v6e
@@ -128,6 +110,7 @@ def _slices() -> dict[str, Topology]:
 
 
 TOPOLOGIES: dict[str, Topology] = _slices()
+_DEVICE_KINDS = {"v4": "TPU v4", "v5p": "TPU v5", "v5": "TPU v5", "v5e": "TPU v5 lite", "v6e": "TPU v6 lite"}
 _ALIASES = {"v5litepod-": "v5e-", "v6litepod-": "v6e-"}  # Cloud's accelerator-type spellings
 
 
@@ -197,6 +180,10 @@ def topology_devices(name: str) -> list[jax.Device]:
 # ----------------------------------------------------------------------------------------------
 
 
+class UnknownShapeError(ValueError):
+    """A model whose shapes cannot be known without downloading its config (a hub id outside qwen3.PRESETS)."""
+
+
 def model_config(c: ConfigDict, which: str) -> qwen3.Qwen3Config:
     """The Qwen3Config that `experiment.prepare` would load for config.<which>, from shapes known offline: the
     published preset of a hub id, a local checkpoint's config.json, or the :tiny build's fields."""
@@ -212,8 +199,8 @@ def model_config(c: ConfigDict, which: str) -> qwen3.Qwen3Config:
         try:
             cfg = qwen3.preset(m.model)
         except ValueError as e:
-            raise ValueError(f"config.{which}.model={m.model!r}: no shape is known offline ({e}); point it at a "
-                             "local checkpoint folder to pre-flight it") from None
+            raise UnknownShapeError(f"config.{which}.model={m.model!r}: no shape is known offline ({e}); point it "
+                                    "at a local checkpoint folder to pre-flight it") from None
     return cfg.replace(dtype=m.dtype, param_dtype=m.param_dtype)
 
 
@@ -392,20 +379,35 @@ def estimate_fit(c: ConfigDict, device_kind: str, num_devices: int, mesh: dict[s
                        peak_phase=peak_phase, peak_bytes=sum(phase_bytes[peak_phase].values()))
 
 
+def fitting_mesh(c: ConfigDict, device_kind: str, num_devices: int, headroom: float = HEADROOM
+                 ) -> dict[str, int] | None:
+    """The least-sharded mesh (data parallelism first, then fsdp, then tensor) on which the cheap estimate
+    fits, or None when none does: what a launcher or experiment.run could pick instead of a fixed mesh."""
+    return next((m for m in candidate_meshes(c, num_devices)
+                 if estimate_fit(c, device_kind, num_devices, m, headroom).fits), None)
+
+
 def check_fits(c: ConfigDict, devices: Sequence[jax.Device] | None = None, *, device_kind: str | None = None,
-               num_devices: int | None = None, headroom: float = HEADROOM) -> FitEstimate:
+               num_devices: int | None = None, headroom: float = HEADROOM) -> FitEstimate | None:
     """Refuses (DoesNotFitError) a config whose resident weights, optimizer state and gradients alone exceed
     the chips' memory on its mesh, naming the first mesh that fits; returns the estimate otherwise. Cheap (no
-    compile, no weights): call it before downloading or converting anything. Pass jax devices (default: all)
-    or a device kind and count (e.g. 'NVIDIA H100', 1) to check hardware this host does not have."""
+    compile, no weights: seconds, mostly building the abstract models): call it before downloading or
+    converting anything. Pass jax devices (default: all), or a device kind and count (e.g. 'NVIDIA H100', 1)
+    to check hardware this host does not have. Devices of no known HBM size (CPUs), and models whose shapes
+    are not known offline (a hub id outside qwen3.PRESETS), are not checked: None, with a warning for the latter."""
     if device_kind is None:
         devices = list(jax.devices() if devices is None else devices)
         device_kind, num_devices = devices[0].device_kind, len(devices)
-    est = estimate_fit(c, device_kind, num_devices, headroom=headroom)
+        if not any(device_kind == k or device_kind.startswith(k) for k in CHIPS):
+            return None
+    try:
+        est = estimate_fit(c, device_kind, num_devices, headroom=headroom)
+    except UnknownShapeError as e:
+        logging.warning("memory check skipped: %s", e)
+        return None
     if est.fits:
         return est
-    suggestion = next((m for m in candidate_meshes(c, num_devices)
-                       if estimate_fit(c, device_kind, num_devices, m, headroom).fits), None)
+    suggestion = fitting_mesh(c, device_kind, num_devices, headroom)
     phase = est.phase_bytes[est.peak_phase]
     detail = ", ".join(f"{k} {v / GiB:.2f}" for k, v in phase.items())
     fix = (f"a mesh that fits: {mesh_flags(suggestion)}" if suggestion else
@@ -475,10 +477,10 @@ def programs(run: Run) -> list[Program]:
     def eval_programs(stage: str):
         if c.eval.timing_repeats > 0:
             def decode_steps(name, graphdef, state, cfg, tokens, resident):
-                # evaluate.decode_step_seconds builds its cache with KVCache.init outside jit: a replicated array.
-                cache = jax.tree.map(lambda x: _abstract(x.shape, x.dtype, repl),
-                                     jax.eval_shape(lambda: qwen3.KVCache.init(cfg, s.eval_batch, eval_cache)))
-                first = _abstract((s.eval_batch,), jnp.int32, repl)
+                # evaluate.decode_step_seconds builds its cache with KVCache.init outside jit: uncommitted arrays,
+                # whose sharding jit leaves to the compiler, as it does for abstract arrays without one.
+                cache = jax.eval_shape(lambda: qwen3.KVCache.init(cfg, s.eval_batch, eval_cache))
+                first = jax.ShapeDtypeStruct((s.eval_batch,), jnp.int32)
                 lower = functools.partial(ev._decode_steps.lower, graphdef, state, cache, first,
                                           steps=ev.STEPS_PER_TIMING, tokens_per_step=tokens)
                 out.append(Program(name, lower, resident))
@@ -545,7 +547,8 @@ class ProgramReport:
     """Per chip, one compiled program (sizes in bytes, from compiled.memory_analysis())."""
 
     name: str
-    compile_s: float
+    compile_s: float  # wall seconds of lower + compile
+    compile_cpu_s: float  # this process's CPU seconds meanwhile (all threads): less sensitive to a busy host
     argument_bytes: int
     temp_bytes: int
     output_bytes: int
@@ -568,9 +571,9 @@ class ProgramReport:
 
 
 def compile_program(program: Program, run: Run, budget_bytes: int) -> ProgramReport:
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     compiled = program.lower().compile()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     m = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, (list, tuple)):  # older jax returned one dict per device program
@@ -579,7 +582,7 @@ def compile_program(program: Program, run: Run, budget_bytes: int) -> ProgramRep
     total = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
              + m.generated_code_size_in_bytes + resident)
     return ProgramReport(
-        name=program.name, compile_s=round(seconds, 2), argument_bytes=int(m.argument_size_in_bytes),
+        name=program.name, compile_s=round(seconds, 2), compile_cpu_s=round(cpu_seconds, 2), argument_bytes=int(m.argument_size_in_bytes),
         temp_bytes=int(m.temp_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
         alias_bytes=int(m.alias_size_in_bytes), generated_code_bytes=int(m.generated_code_size_in_bytes),
         resident_bytes=int(resident), resident=program.resident, total_bytes=int(total), budget_bytes=budget_bytes,
@@ -629,63 +632,94 @@ def compile_all(c: ConfigDict, devices: Sequence[jax.Device], only: Sequence[str
 # ----------------------------------------------------------------------------------------------
 
 
-def matmul_params(cfg: qwen3.Qwen3Config) -> int:
-    """Weights multiplied per token: every layer's projections and the LM head (the embedding is a lookup)."""
-    d, f, h, n, k = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-    return cfg.num_hidden_layers * (2 * d * n * h + 2 * d * k * h + 3 * d * f) + d * cfg.vocab_size
-
-
-def forward_flops(cfg: qwen3.Qwen3Config, tokens: int, keys: int) -> float:
-    """FLOPs of a forward pass over `tokens` tokens each attending to `keys` positions (computed, masked or not)."""
-    attention = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * keys
-    return float(tokens * (2 * matmul_params(cfg) + attention))
-
-
-def _step_seconds(cfg: qwen3.Qwen3Config, param_bytes: int, rows: int, tokens: int, cache_len: int, tensor: int,
-                  c: Chip) -> float:
-    """Roofline of one cached decode step of `tokens` tokens for `rows` rows on one chip: every weight is read
-    once (its 1/tensor share) plus this chip's rows of the KV cache, or the FLOPs, whichever takes longer."""
-    kv = 2 * cfg.num_hidden_layers * rows * cache_len * cfg.num_key_value_heads * cfg.head_dim
-    kv_bytes = kv * np.dtype(qwen3.resolve_dtype(cfg.dtype)).itemsize / tensor
-    flops = forward_flops(cfg, rows * tokens, cache_len) / tensor
-    return max((param_bytes / tensor + kv_bytes) / c.hbm_bytes_per_s, flops / c.peak_flops)
+def _decode_step_seconds(cfg: qwen3.Qwen3Config, rows: int, tokens: int, context: int, tensor: int, hw: costs.Chip
+                         ) -> float:
+    """Roofline of one cached decode step of `tokens` tokens for this chip's `rows` rows: its 1/tensor share of
+    every weight and of its rows' KV cache read once (weights gathered over fsdp or replicated), or its FLOPs,
+    whichever takes longer."""
+    step_bytes = costs.decode_step_bytes(cfg, rows, context) / tensor
+    flops = rows * tokens * costs.forward_flops_per_token(cfg, context) / tensor
+    return max(step_bytes / hw.hbm_bytes_per_s, flops / hw.peak_flops)
 
 
 def roofline(c: ConfigDict, device_kind: str, num_devices: int, gamma: int = 4) -> dict[str, Any]:
-    """Analytic lower bounds of time at 100% of the vendor peaks (labelled estimates, not measurements):
-    the distillation step (FLOPs-bound: target forward, draft forward + backward + remat's second forward),
-    one speculative block at γ and one target-only decode step (bytes-bound: weights and KV cache read)."""
-    sizes = shd.mesh_sizes(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
-    data, fsdp, tensor = sizes
+    """Analytic lower bounds of time at 100% of the vendor peaks (labelled estimates, not measurements): the
+    distillation step (FLOPs over all chips: target forward, draft forward + backward + remat's second forward,
+    AdaSPEC's reference forward), one speculative block at γ (γ draft steps, the first of two tokens, and the
+    target's (γ + 1)-token verify call) and one decode step of each model (bytes: weights and KV cache)."""
+    data, fsdp, tensor = shd.mesh_sizes(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
     hw, s = chip(device_kind), run_shapes(c)
     target_cfg, draft_cfg = model_config(c, "target"), model_config(c, "draft")
-    tokens = s.train_batch * s.train_len
-    passes = 3 + (1 if c.distill.remat else 0)  # forward, backward (2x), recomputed forward
-    flops = forward_flops(draft_cfg, tokens, s.train_len) * passes
-    if c.distill.divergence != "ce":
-        flops += forward_flops(target_cfg, tokens, s.train_len)
-    if c.distill.adaspec_fraction > 0:
-        flops += forward_flops(draft_cfg, tokens, s.train_len)  # the reference's forward
+    positions = s.train_batch * s.train_len
+    draft_passes = 3 + (1 if c.distill.remat else 0) + (1 if c.distill.adaspec_fraction > 0 else 0)
+    target_passes = 0 if c.distill.divergence == "ce" else 1
+    flops = positions * (draft_passes * costs.forward_flops_per_token(draft_cfg, s.train_len)
+                         + target_passes * costs.forward_flops_per_token(target_cfg, s.train_len))
     step_s = flops / (num_devices * hw.peak_flops)
     rows = max(s.eval_batch // (data * fsdp), 1)
-    cache = spec.required_cache_len(s.prompt_len, s.eval_tokens, gamma)
-    # Each chip reads every weight of a decode step (its tensor share), gathered over fsdp or replicated.
-    t_bytes = target_cfg.num_params() * np.dtype(qwen3.resolve_dtype(target_cfg.param_dtype)).itemsize
-    d_bytes = draft_cfg.num_params() * np.dtype(qwen3.resolve_dtype(draft_cfg.param_dtype)).itemsize
-    draft_s = _step_seconds(draft_cfg, d_bytes, rows, 2, cache, tensor, hw) + \
-        (gamma - 1) * _step_seconds(draft_cfg, d_bytes, rows, 1, cache, tensor, hw)
-    verify_s = _step_seconds(target_cfg, t_bytes, rows, gamma + 1, cache, tensor, hw)
-    target_step_s = _step_seconds(target_cfg, t_bytes, rows, 1, s.prompt_len + s.eval_tokens, tensor, hw)
+    context = spec.required_cache_len(s.prompt_len, s.eval_tokens, gamma)
+    draft_s = (_decode_step_seconds(draft_cfg, rows, 2, context, tensor, hw)
+               + (gamma - 1) * _decode_step_seconds(draft_cfg, rows, 1, context, tensor, hw))
+    verify_s = _decode_step_seconds(target_cfg, rows, gamma + 1, context, tensor, hw)
+    decode_context = s.prompt_len + s.eval_tokens
     return {
-        "label": "analytic roofline at 100% of vendor peak FLOP/s and HBM bandwidth (lower bounds; no "
-                 "collectives, no sampler): estimates, not measurements",
-        "chip": hw.name, "num_devices": num_devices, "mesh": dict(zip(shd.MESH_AXES, sizes)),
-        "distill_step_s": step_s, "distill_step_flops": flops,
-        "distill_positions_per_s": tokens / step_s,
+        "label": "analytic roofline at 100% of vendor peak FLOP/s and HBM bandwidth (lower bounds: no collectives, "
+                 "no sampler, no overlap losses): estimates, not measurements",
+        "chip": hw.name, "num_devices": num_devices, "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor},
+        "distill_step_s": step_s, "distill_step_flops": flops, "distill_positions_per_s": positions / step_s,
         "gamma": gamma, "speculative_block_s": draft_s + verify_s, "speculative_block_draft_s": draft_s,
-        "speculative_block_verify_s": verify_s, "target_decode_step_s": target_step_s,
-        "draft_decode_step_s": _step_seconds(draft_cfg, d_bytes, rows, 1, s.prompt_len + s.eval_tokens, tensor, hw),
+        "speculative_block_verify_s": verify_s,
+        "target_decode_step_s": _decode_step_seconds(target_cfg, rows, 1, decode_context, tensor, hw),
+        "draft_decode_step_s": _decode_step_seconds(draft_cfg, rows, 1, decode_context, tensor, hw),
     }
+
+
+def _generate_seconds(cfg: qwen3.Qwen3Config, batch: int, prompt_len: int, new_tokens: int, mesh: tuple[int, int, int],
+                      hw: costs.Chip) -> float:
+    """Roofline of one `generate` call: the prefill's FLOPs over every chip, then new_tokens decode steps."""
+    data, fsdp, tensor = mesh
+    chips = data * fsdp * tensor
+    prefill = batch * prompt_len * costs.forward_flops_per_token(cfg, prompt_len) / (chips * hw.peak_flops)
+    rows = max(batch // (data * fsdp), 1)
+    return prefill + new_tokens * _decode_step_seconds(cfg, rows, 1, prompt_len + new_tokens, tensor, hw)
+
+
+def run_seconds(c: ConfigDict, device_kind: str, num_devices: int, *, train_examples: int | None = None,
+                alpha: float = 0.6) -> dict[str, float]:
+    """Roofline seconds of each stage of experiment.run (analytic lower bounds, labelled estimates):
+    data (target responses for every training prompt when the generator needs them), one evaluation
+    (eval_before or eval_after: per temperature the analytic pass, the timed target-only decode and the
+    speculative loop at every γ, each timed run and its warm-up), distill (the steps, with on-policy
+    generation of every batch) and AdaSPEC's reference run. A speculative run is taken to last
+    N / τ̂(γ) blocks with τ̂ from an assumed acceptance rate `alpha` (the measured one is known only after).
+    train_examples: the training split's size when config.data.num_train_examples is -1 (all)."""
+    hw, s = chip(device_kind), run_shapes(c)
+    mesh = shd.mesh_sizes(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, num_devices)
+    target_cfg, draft_cfg = model_config(c, "target"), model_config(c, "draft")
+    examples = c.data.num_train_examples if c.data.num_train_examples >= 0 else train_examples
+    if examples is None:
+        raise ValueError("config.data.num_train_examples is -1 (the whole split): pass train_examples, its size")
+    g = c.generator
+    needs_target = g.kind == "target" or (g.kind == "mix" and g.mix_other == "target")
+    data_s = (-(-examples // s.train_batch) * _generate_seconds(target_cfg, s.train_batch, s.prompt_len,
+                                                                s.generate_tokens, mesh, hw)) if needs_target else 0.0
+    step = roofline(c, device_kind, num_devices)["distill_step_s"]
+    if g.kind in ("draft", "mix"):  # every batch is generated by the current draft
+        step += _generate_seconds(draft_cfg, s.train_batch, s.prompt_len, s.generate_tokens, mesh, hw)
+    distill_s = c.distill.steps * step
+    reference_s = 0.0
+    if c.distill.adaspec_fraction > 0:
+        reference_s = (c.distill.adaspec_reference_steps or c.distill.steps) * step
+    runs = c.eval.timing_repeats + 1  # timed runs and one warm-up
+    batches = c.eval.num_prompts // c.eval.batch_size
+    target_decode = _generate_seconds(target_cfg, s.eval_batch, s.prompt_len, s.eval_tokens, mesh, hw)
+    per_temperature = target_decode * (c.eval.analytic + (runs if c.eval.timing_repeats > 0 else 0))
+    for gamma in c.eval.gammas:
+        blocks = s.eval_tokens / ev.expected_block_efficiency(alpha, int(gamma))
+        per_temperature += runs * blocks * roofline(c, device_kind, num_devices, int(gamma))["speculative_block_s"]
+    eval_s = batches * len(c.eval.temperatures) * per_temperature
+    return {"data_s": data_s, "eval_s": eval_s, "distill_s": distill_s, "reference_s": reference_s,
+            "distill_step_s": step, "alpha_assumed": alpha}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -741,7 +775,7 @@ def preflight(c: ConfigDict, topology_name: str, *, only: Sequence[str] | None =
     result: dict[str, Any] = {
         "tool": "distillspec_jax.aot",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "host": {"machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count()},
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
         "versions": versions,
         "models": {"target": c.target.model, "draft": c.draft.model},
         "topology": {**topo, "devices": num_devices, "device_kind": kind},
@@ -762,9 +796,7 @@ def preflight(c: ConfigDict, topology_name: str, *, only: Sequence[str] | None =
         "search": [],
     }
     if not estimate.fits:
-        result["estimate_suggested_mesh"] = next(
-            (m for m in candidate_meshes(c, num_devices) if estimate_fit(c, kind, num_devices, m, headroom).fits),
-            None)
+        result["estimate_suggested_mesh"] = fitting_mesh(c, kind, num_devices, headroom)
     if not fits and not estimate_only:
         # Compile what did not fit (everything selected, when the estimate already refused) on other meshes.
         failing = [r.name for r in reports if not r.fits] or only
@@ -785,14 +817,6 @@ def preflight(c: ConfigDict, topology_name: str, *, only: Sequence[str] | None =
                 result["suggested_mesh"] = candidate
                 break
     return result
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def verdict(result: dict[str, Any]) -> str:

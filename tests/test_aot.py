@@ -121,6 +121,17 @@ def test_8b_bfloat16_teacher_replicated_on_v5e_is_refused_with_fsdp_named():
     assert aot.check_fits(jsd.get_config(""), device_kind="NVIDIA H100 80GB HBM3", num_devices=1).fits
 
 
+def test_check_fits_skips_what_it_cannot_size():
+    # For experiment.run on every run: CPU devices have no fixed HBM, and a hub id outside the presets has no
+    # shape offline; neither may stop a run, so both are passed over (None), not refused.
+    assert aot.check_fits(jsd.get_config("test"), jax.devices()) is None
+    c = jsd.get_config("")
+    c.target.model = "someone/qwen3-custom"
+    with pytest.raises(aot.UnknownShapeError, match="no shape is known offline"):
+        aot.model_config(c, "target")
+    assert aot.check_fits(c, device_kind="TPU v5 lite", num_devices=16) is None
+
+
 @needs_libtpu
 def test_compiled_argument_bytes_match_parameters_and_optimizer_over_shards(tmp_path):
     c = small_config(tmp_path, data=2, fsdp=2)

@@ -104,3 +104,22 @@ def test_contrast_tables_skip_pairs_without_a_common_seed():
     assert not any(line.startswith("| 1 | draft |") for line in lines)
     table.append(entry("tvd", [0, 1], [2.6, 2.8]))
     assert any(line.startswith("| 1 | draft | tvd | jsd |") for line in study._contrast_tables(table, 3))
+
+
+def test_plan_lists_every_run_with_its_estimated_chip_hours():
+    p = study.plan("0.6b-8b", "v5p-8", study.DIVERGENCES, study.GENERATORS, study.SEEDS, supervised=True,
+                   steps=None, transfer=True)
+    names = [r["name"] for r in p["cells"]]
+    per_seed = 1 + len(study.DIVERGENCES) * len(study.GENERATORS) + 1 + 1  # base, grid, ce-fixed, transfer
+    assert len(names) == len(study.SEEDS) * per_seed and len(set(names)) == len(names)
+    assert p["chips"] == 4 and p["device_kind"] == "TPU v5"
+    cells = {r["name"]: r for r in p["cells"]}
+    # On-policy data costs a draft generation per step; AdaSPEC adds its reference run.
+    assert cells["jsd-draft-s0"]["seconds"] > cells["jsd-fixed-s0"]["seconds"] > 0
+    assert cells["adaspec-fixed-s0"]["seconds"] > cells["fkl-fixed-s0"]["seconds"]
+    assert all(abs(r["chip_hours"] - r["seconds"] * 4 / 3600) < 1e-9 for r in p["cells"])
+    assert abs(p["total_chip_hours"] - sum(r["chip_hours"] for r in p["cells"])) < 1e-6
+    # On 16 GiB v5e chips the 8B teacher cannot be replicated: the plan uses the estimate's fsdp mesh.
+    v5e = study.plan("0.6b-8b", "v5e-16", ["jsd"], ["fixed"], [0], supervised=False, steps=None, transfer=False)
+    assert all(r["mesh"]["fsdp"] > 1 for r in v5e["cells"])
+    assert "chip-hours" in study.format_plan(p) and "estimate" in study.format_plan(p)
