@@ -153,7 +153,7 @@ def rehearsal_config(folders: dict[str, pathlib.Path], args: argparse.Namespace)
     c.distill.update(steps=args.steps, batch_size=args.batch, warmup_steps=1, checkpoint_every=args.steps,
                      log_every=1)
     c.eval.update(gammas=tuple(args.gammas), num_prompts=args.eval_prompts, batch_size=args.eval_prompts,
-                  max_new_tokens=args.new_tokens, timing_repeats=1)
+                  max_new_tokens=args.new_tokens, timing_repeats=1, timing_steps=args.timing_steps)
     c.plots = False
     c.compilation_cache = ""  # every compile is counted, as on a fresh machine
     return c
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=2, help="distillation steps")
     parser.add_argument("--batch", type=int, default=2, help="distillation batch (sequences)")
     parser.add_argument("--prompt_len", type=int, default=64, help="prompt tokens (the padded prompt length)")
-    parser.add_argument("--new_tokens", type=int, default=16, help="generated tokens (data and evaluation)")
+    parser.add_argument("--new_tokens", type=int, default=8, help="generated tokens (data and evaluation)")
+    parser.add_argument("--timing_steps", type=int, default=2, help="decode steps per timed call (c, verify cost)")
     parser.add_argument("--eval_prompts", type=int, default=4, help="evaluation prompts (one batch)")
     parser.add_argument("--gammas", type=int, nargs="+", default=[1, 3], help="draft block lengths")
     parser.add_argument("--write_checkpoints_only", action="store_true",

@@ -113,6 +113,7 @@ def base() -> ConfigDict:
         batch_size=32,  # rows decoded together
         max_new_tokens=128,  # tokens generated per prompt
         timing_repeats=3,  # timed runs per measurement (median), after a warm-up run
+        timing_steps=16,  # cached decode steps per timed call when measuring c and the verify cost
         analytic=True,  # also compute the analytic acceptance α̂ and τ̂ (one forward pass of each model)
     ))
 

@@ -482,7 +482,7 @@ def programs(run: Run) -> list[Program]:
                 cache = jax.eval_shape(lambda: qwen3.KVCache.init(cfg, s.eval_batch, eval_cache))
                 first = jax.ShapeDtypeStruct((s.eval_batch,), jnp.int32)
                 lower = functools.partial(ev._decode_steps.lower, graphdef, state, cache, first,
-                                          steps=ev.STEPS_PER_TIMING, tokens_per_step=tokens)
+                                          steps=c.eval.timing_steps, tokens_per_step=tokens)
                 out.append(Program(name, lower, resident))
 
             decode_steps(f"{stage}/decode_step_target", tg, ts, target.cfg, 1, others("eval", "target"))

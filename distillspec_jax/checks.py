@@ -271,6 +271,7 @@ def _check_mesh_eval_tracking(f: _Fields) -> None:
               f"--config.eval.num_prompts={batch * max(1, f('eval.num_prompts') // batch)}")
     f.integer("eval.max_new_tokens", 1, fix_value=128)
     f.integer("eval.timing_repeats", 0)
+    f.integer("eval.timing_steps", 1)
     f.boolean("eval.analytic")
     wandb = f.boolean("tracking.wandb")
     f.require("tracking.project", lambda v: isinstance(v, str) and (v or not wandb),

@@ -108,21 +108,21 @@ def decode_step_seconds(model: qwen3.Qwen3, batch: int, cache_len: int, runs: in
 
 
 def cost_ratio(target: qwen3.Qwen3, draft: qwen3.Qwen3, batch: int, cache_len: int,
-               runs: int = TIMING_RUNS) -> dict[str, float]:
+               runs: int = TIMING_RUNS, steps: int = STEPS_PER_TIMING) -> dict[str, float]:
     """c = draft step time / target step time, both single-token steps measured the same way."""
-    target_s = decode_step_seconds(target, batch, cache_len, runs)
-    draft_s = decode_step_seconds(draft, batch, cache_len, runs)
+    target_s = decode_step_seconds(target, batch, cache_len, runs, steps)
+    draft_s = decode_step_seconds(draft, batch, cache_len, runs, steps)
     return {"target_step_s": target_s, "draft_step_s": draft_s, "cost_ratio": draft_s / target_s}
 
 
 def verify_cost_ratio(target: qwen3.Qwen3, gamma: int, batch: int, cache_len: int, runs: int = TIMING_RUNS,
-                      target_step_s: float | None = None) -> float:
+                      target_step_s: float | None = None, steps: int = STEPS_PER_TIMING) -> float:
     """Time of the target's (γ + 1)-token verification call / its single-token step. The predicted speedup
     τ / (γ·c + 1) takes this as 1, which holds where decoding is memory-bound (accelerators); on a CPU the
     call costs more, and τ / (γ·c + this) is the better prediction."""
     if target_step_s is None:
-        target_step_s = decode_step_seconds(target, batch, cache_len, runs)
-    return decode_step_seconds(target, batch, cache_len, runs, tokens_per_step=gamma + 1) / target_step_s
+        target_step_s = decode_step_seconds(target, batch, cache_len, runs, steps)
+    return decode_step_seconds(target, batch, cache_len, runs, steps, tokens_per_step=gamma + 1) / target_step_s
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,14 +245,15 @@ def _batch_rng(rng: jax.Array, index: int) -> jax.Array:
 
 
 def step_costs(target: qwen3.Qwen3, draft: qwen3.Qwen3, batches: Sequence[PromptBatch], gammas: Sequence[int],
-               max_new_tokens: int, runs: int = TIMING_RUNS) -> dict[str, Any]:
+               max_new_tokens: int, runs: int = TIMING_RUNS, steps: int = STEPS_PER_TIMING) -> dict[str, Any]:
     """c and the verify-call cost of every γ, measured once at the first batch's size with a cache of T + N
-    slots: {'cost_ratio', 'target_step_s', 'draft_step_s', 'verify_cost_ratio': {γ: ratio}}."""
+    slots, `steps` cached steps per timed call: {'cost_ratio', 'target_step_s', 'draft_step_s',
+    'verify_cost_ratio': {γ: ratio}}."""
     batch, prompt_len = np.shape(batches[0][0])
     cache_len = prompt_len + max_new_tokens
-    steps = cost_ratio(target, draft, batch, cache_len, runs)
-    verify = {g: verify_cost_ratio(target, g, batch, cache_len, runs, steps["target_step_s"]) for g in gammas}
-    return {**steps, "verify_cost_ratio": verify}
+    step_s = cost_ratio(target, draft, batch, cache_len, runs, steps)
+    verify = {g: verify_cost_ratio(target, g, batch, cache_len, runs, step_s["target_step_s"], steps) for g in gammas}
+    return {**step_s, "verify_cost_ratio": verify}
 
 
 def gamma_sweep(target: qwen3.Qwen3, draft: qwen3.Qwen3, batches: Sequence[PromptBatch], gammas: Sequence[int],

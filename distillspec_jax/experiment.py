@@ -317,7 +317,7 @@ def evaluate(c: ConfigDict, workdir: str, models: Models, draft: qwen3.Qwen3, me
     measure_time = c.eval.timing_repeats > 0
     # Step costs (c, verify) do not depend on the sampler: measured once for every temperature.
     costs = ev.step_costs(models.target, draft, batches, gammas, c.eval.max_new_tokens,
-                          c.eval.timing_repeats) if measure_time else None
+                          c.eval.timing_repeats, c.eval.timing_steps) if measure_time else None
     for i, sampler in enumerate(samplers):
         rng = jax.random.fold_in(jax.random.key(c.seed), 100 + i)
         sweep = ev.gamma_sweep(models.target, draft, batches, gammas, c.eval.max_new_tokens,

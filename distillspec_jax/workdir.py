@@ -43,7 +43,7 @@ MARKER_SCHEMA = 1  # raised when the workdir layout changes incompatibly
 # The mesh is one: checkpoints restore onto any mesh, so a preempted run may resume on another slice.
 RERUNNABLE_FIELDS = ("stages", "overwrite", "distributed", "tracking", "plots", "compilation_cache", "mesh",
                      "distill.checkpoint_every", "distill.keep_checkpoints", "distill.log_every",
-                     "eval.timing_repeats", "tiny.cache_dir", "resume_with_changes")
+                     "eval.timing_repeats", "eval.timing_steps", "tiny.cache_dir", "resume_with_changes")
 # What `resume_with_changes` cannot let through: the workdir's models, tokens and data were made with them,
 # so a changed value would not apply to what is already there, only mix two experiments.
 RESUME_FIXED_FIELDS = ("seed", "target", "draft", "tokenizer", "tiny", "data")
