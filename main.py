@@ -77,13 +77,25 @@ def _stop_on_sigterm(signum, frame) -> None:
     raise errors.Preempted("stopped by SIGTERM")
 
 
+def _plot(workdir: str) -> None:
+    """The run's figures from its results.json (analysis.plots), written to <workdir>/plots by process 0."""
+    import jax
+
+    from analysis import plots
+
+    if jax.process_index() == 0:
+        plots.write_all([workdir], os.path.join(workdir, "plots"))
+
+
 def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.<field>=<value>")
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
-        experiment.run(_CONFIG.value, _WORKDIR.value)
+        results = experiment.run(_CONFIG.value, _WORKDIR.value)
+        if results is not None and _CONFIG.value.plots:
+            _plot(_WORKDIR.value)
     except errors.Preempted as stop:
         print(f"[run] {stop}; exiting with {errors.EXIT_PREEMPTED}: rerun the same command to resume", flush=True)
         sys.exit(errors.EXIT_PREEMPTED)

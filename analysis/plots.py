@@ -39,7 +39,7 @@ from matplotlib.ticker import MaxNLocator
 
 RESULTS_FILE, METRICS_FILE, CONFIG_FILE = "results.json", "metrics.jsonl", "config.json"
 COMPARISON_FILE = "comparison.md"
-RESULTS_SCHEMA = 1  # distillspec_jax/experiment.py:RESULTS_SCHEMA (not imported: analysis needs no JAX)
+RESULTS_SCHEMA = 1  # distillspec_jax/stages/report.py:RESULTS_SCHEMA (not imported: analysis needs no JAX)
 FIGSIZE_IN = (12.0, 4.8)  # width, height in inches
 DPI = 100
 PIXEL_SIZE = (round(FIGSIZE_IN[0] * DPI), round(FIGSIZE_IN[1] * DPI))  # width, height of every PNG

@@ -117,7 +117,7 @@ def run_grid(out: str, preset: str, divergences: Sequence[str], generators: Sequ
 def run_transfer(out: str, preset: str, seed: int, steps: int | None) -> None:
     """The transfer cell's undistilled and distilled drafts on stdlib docstrings (prose the draft never saw
     in distillation, which used HumanEval prompts)."""
-    from distillspec_jax import experiment
+    from distillspec_jax import stages
     from distillspec_jax import sharding as shd
     from distillspec_jax import workdir as wd
 
@@ -130,12 +130,12 @@ def run_transfer(out: str, preset: str, seed: int, steps: int | None) -> None:
     c.data.update(source="stdlib_docstrings", task="corpus", chat=False, num_train_examples=TRANSFER_EXAMPLES,
                   max_prompt_len=TRANSFER_PROMPT_LEN, pad_multiple=TRANSFER_PROMPT_LEN)
     mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-    models = experiment.prepare(c, workdir, mesh)
-    experiment.build_data(c, workdir, models, mesh)
-    distilled = experiment.distilled_draft(c, os.path.join(out, "cells", name), mesh)
+    models = stages.prepare.prepare(c, workdir, mesh)
+    stages.data.build_data(c, workdir, models, mesh)
+    distilled = stages.distill.distilled_draft(c, os.path.join(out, "cells", name), mesh)
     result = {"cell": name, "domain": "stdlib_docstrings",
-              "before": experiment.evaluate(c, workdir, models, models.draft, mesh, "transfer: before"),
-              "after": experiment.evaluate(c, workdir, models, distilled, mesh, "transfer: after")}
+              "before": stages.evaluation.evaluate(c, workdir, models, models.draft, mesh, "transfer: before"),
+              "after": stages.evaluation.evaluate(c, workdir, models, distilled, mesh, "transfer: after")}
     wd.write_json(wd.path(target_file), result)
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
-STAGES = ("prepare", "data", "eval_before", "distill", "eval_after", "report")
+from distillspec_jax.stages import NAMES as STAGES
+
 
 # Real target/draft pairs, by preset name: (draft, target).
 REAL_PAIRS = {

@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from distillspec_jax import costs
+from distillspec_jax import checks, costs
 from distillspec_jax import errors
 from distillspec_jax import evaluate as ev
 from distillspec_jax import generate as gen
@@ -61,7 +61,6 @@ from distillspec_jax.sampling import Sampler
 
 HEADROOM = 0.10  # fraction of each chip's HBM left to the runtime (its own buffers, fragmentation)
 TPU_INSTALL = 'pip install -r requirements-tpu.txt   (or: pip install "jax[tpu]=={jax}")'
-TINY = "tiny"  # model source of the embedded offline preset (experiment.TINY)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,10 +184,10 @@ class UnknownShapeError(ValueError):
 
 
 def model_config(c: ConfigDict, which: str) -> qwen3.Qwen3Config:
-    """The Qwen3Config that `experiment.prepare` would load for config.<which>, from shapes known offline: the
+    """The Qwen3Config that the prepare stage would load for config.<which>, from shapes known offline: the
     published preset of a hub id, a local checkpoint's config.json, or the :tiny build's fields."""
     m = c[which]
-    if m.model == TINY:
+    if m.model == checks.TINY:
         from distillspec_jax import tiny
 
         # The tiny tokenizer is trained to exactly tiny.vocab_size ids, the models' vocabulary.
@@ -266,12 +265,12 @@ class Run:
 
 
 def build_run(c: ConfigDict, mesh) -> Run:
-    """The run's models (abstract, sharded on `mesh`) and its Distillers, as experiment.distill builds them."""
-    from distillspec_jax import experiment
+    """The run's models (abstract, sharded on `mesh`) and its Distillers, as the distill stage builds them."""
+    from distillspec_jax.stages import distill as distill_stage
 
     target = sharded_abstract_model(model_config(c, "target"), mesh)
     draft = sharded_abstract_model(model_config(c, "draft"), mesh)
-    cfg = experiment.train_config(c)
+    cfg = distill_stage.train_config(c)
     reference_distiller = reference = None
     if cfg.adaspec_fraction is not None:
         ref_cfg = dataclasses.replace(cfg, divergence="fkl", adaspec_fraction=None)
@@ -289,7 +288,7 @@ def build_run(c: ConfigDict, mesh) -> Run:
     }
     if reference_distiller is not None:
         buffers["reference"] = buffers["draft"]
-        # experiment.distill keeps the reference run's LoopResult (its optimizer state too) alive while the main
+        # the distill stage keeps the reference run's LoopResult (its optimizer state too) alive while the main
         # draft trains; counted because that is what the run holds.
         buffers["reference_opt_state"] = buffers["opt_state"]
     if c.generator.kind in ("draft", "mix") and c.generator.regenerate_every > 1:

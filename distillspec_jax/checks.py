@@ -26,7 +26,6 @@ from distillspec_jax import workdir as wd
 from distillspec_jax.data import pipeline, sources, tasks
 from distillspec_jax.errors import field_error
 
-STAGES = ("prepare", "data", "eval_before", "distill", "eval_after", "report")
 TINY = "tiny"
 DISTRIBUTED_MODES = ("auto", "on", "off")
 BYTE_ALPHABET = 256  # a byte-level BPE holds every byte before any merge
@@ -92,6 +91,9 @@ class _Fields:
 
 
 def parse_stages(text: str) -> tuple[str, ...]:
+    """The stages named in config.stages, in pipeline order (the table in distillspec_jax.stages)."""
+    from distillspec_jax.stages import NAMES as STAGES  # the stages import this module
+
     stages = tuple(s.strip() for s in text.split(",") if s.strip())
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
@@ -127,7 +129,7 @@ def check_fields(c: ConfigDict) -> set[str]:
 def _check_run(f: _Fields) -> None:
     f.integer("seed", 0)
     parse_stages(f.require("stages", lambda v: isinstance(v, str), "a comma-separated list of stages",
-                           f"--config.stages={','.join(STAGES)}"))
+                           "--config.stages=prepare,data,eval_before,distill,eval_after,report"))
     f.boolean("overwrite")
     f.boolean("plots")
     f.text("compilation_cache")  # a folder, 'auto' or '' (off): any string

@@ -13,6 +13,7 @@ import pytest
 from configs import jsd
 from distillspec_jax import checks, errors, experiment, lease, model_sources
 from distillspec_jax import workdir as wd
+from distillspec_jax.stages import prepare as prepare_stage
 from tests.conftest import run_main
 from tests.tiny import write_hf_checkpoint
 
@@ -226,18 +227,18 @@ def test_prepare_refuses_different_vocabularies(tmp_path):
     c.target.model = str(write_hf_checkpoint(tmp_path / "target", seed=0, num_attention_heads=4, num_key_value_heads=2))
     c.draft.model = str(write_hf_checkpoint(tmp_path / "draft", seed=1, vocab_size=384, num_attention_heads=4,
                                             num_key_value_heads=2))
-    c.tokenizer = experiment.OFFLINE_QWEN3_TOKENIZER
+    c.tokenizer = prepare_stage.OFFLINE_QWEN3_TOKENIZER
     experiment.validate(c)
     from distillspec_jax import sharding as shd
 
     with pytest.raises(ValueError, match="vocabularies differ"):
-        experiment.prepare(c, str(tmp_path / "w"), shd.make_mesh(-1, 1, 1))
+        prepare_stage.prepare(c, str(tmp_path / "w"), shd.make_mesh(-1, 1, 1))
     # The conversions are cached: a second prepare does not convert again.
     converted = sorted((tmp_path / "w" / "models").iterdir())
     assert len(converted) == 2
     stamps = [(p / "qwen3_config.json").stat().st_mtime_ns for p in converted]
     with pytest.raises(ValueError, match="vocabularies differ"):
-        experiment.prepare(c, str(tmp_path / "w"), shd.make_mesh(-1, 1, 1))
+        prepare_stage.prepare(c, str(tmp_path / "w"), shd.make_mesh(-1, 1, 1))
     assert [(p / "qwen3_config.json").stat().st_mtime_ns for p in converted] == stamps
 
 
@@ -247,12 +248,12 @@ def test_compilation_cache_sits_beside_the_model_cache(tmp_path):
     c = jsd.get_config("test")
     previous = jax.config.jax_compilation_cache_dir
     try:
-        assert experiment.enable_compilation_cache(c, str(tmp_path)) == str(tmp_path / "models" / "xla_cache")
+        assert prepare_stage.enable_compilation_cache(c, str(tmp_path)) == str(tmp_path / "models" / "xla_cache")
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "models" / "xla_cache")
         c.tiny.cache_dir = str(tmp_path / "shared")
-        assert experiment.enable_compilation_cache(c, str(tmp_path)) == str(tmp_path / "shared" / "xla_cache")
+        assert prepare_stage.enable_compilation_cache(c, str(tmp_path)) == str(tmp_path / "shared" / "xla_cache")
         c.compilation_cache = ""
-        assert experiment.enable_compilation_cache(c, str(tmp_path)) is None
+        assert prepare_stage.enable_compilation_cache(c, str(tmp_path)) is None
     finally:
         jax.config.update("jax_compilation_cache_dir", previous)
 
@@ -261,10 +262,10 @@ def test_tiny_models_of_a_gs_workdir_are_cached_locally(monkeypatch, tmp_path):
     # The tiny build writes with local-file APIs; real conversions (Orbax) may live under gs://.
     monkeypatch.setenv("DISTILLSPEC_CACHE", str(tmp_path))
     tiny_cfg = jsd.get_config("test")
-    assert str(experiment.model_cache(tiny_cfg, "gs://bucket/run")) == str(tmp_path / "tiny")
-    assert str(experiment.model_cache(tiny_cfg, str(tmp_path / "run"))) == str(tmp_path / "run" / "models")
+    assert str(prepare_stage.model_cache(tiny_cfg, "gs://bucket/run")) == str(tmp_path / "tiny")
+    assert str(prepare_stage.model_cache(tiny_cfg, str(tmp_path / "run"))) == str(tmp_path / "run" / "models")
     real = jsd.get_config("")
-    assert str(experiment.model_cache(real, "gs://bucket/run")) == "gs://bucket/run/models"
+    assert str(prepare_stage.model_cache(real, "gs://bucket/run")) == "gs://bucket/run/models"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,18 +315,18 @@ def test_a_checkpoint_replaced_at_the_same_path_is_converted_again(tmp_path, cap
     mesh = shd.make_mesh(-1, 1, 1)
     source, cache = tmp_path / "ckpt", wd.path(tmp_path / "models")
     write_hf_checkpoint(source, seed=0, vocab_size=384)
-    out = experiment._converted(str(source), "float32", cache, mesh)
+    out = prepare_stage.converted(str(source), "float32", cache, mesh)
     vocab = lambda: json_.loads(wd.path(out, "qwen3_config.json").read_text())["vocab_size"]  # noqa: E731
     assert vocab() == 384
     stamp = (pathlib.Path(out) / "qwen3_config.json").stat().st_mtime_ns
-    experiment._converted(str(source), "float32", cache, mesh)  # unchanged: reused
+    prepare_stage.converted(str(source), "float32", cache, mesh)  # unchanged: reused
     assert (pathlib.Path(out) / "qwen3_config.json").stat().st_mtime_ns == stamp
     import shutil
 
     shutil.rmtree(source)
     write_hf_checkpoint(source, seed=1, vocab_size=512)  # another checkpoint, same path
     capsys.readouterr()
-    assert experiment._converted(str(source), "float32", cache, mesh) == out
+    assert prepare_stage.converted(str(source), "float32", cache, mesh) == out
     assert vocab() == 512
     assert f"converting {source} again: the checkpoint in {source} changed" in capsys.readouterr().out
 

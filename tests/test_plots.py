@@ -100,7 +100,7 @@ def test_write_all_on_pipeline_workdir_writes_every_png(pipeline_workdir, tmp_pa
 
 
 def test_report_stage_wrote_plots_into_the_workdir(pipeline_workdir):
-    """experiment.report calls plots.write_all([workdir], workdir/plots) at the end of the pipeline."""
+    """main.py calls plots.write_all([workdir], workdir/plots) after the run (the library draws nothing)."""
     for name in PNG_NAMES:
         _assert_valid_png(pipeline_workdir / "plots" / name)
     assert (pipeline_workdir / "plots" / plots.COMPARISON_FILE).is_file()

@@ -1,0 +1,102 @@
+"""Stage `distill`: trains the draft on the target's distributions (resumable), then saves it as Orbax and
+as HF safetensors.
+
+Owns config.distill (with AdaSPEC's reference run). Writes `checkpoints/` while training, `reference/` for
+AdaSPEC's reference draft, and `distilled/` (`orbax/`, `hf/` and last `summary.json`, which marks the
+stage done).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+from ml_collections import ConfigDict
+
+from distillspec_jax import train
+from distillspec_jax import workdir as wd
+from distillspec_jax.data import generators, pipeline
+from distillspec_jax.errors import Preempted
+from distillspec_jax.models import convert, qwen3
+from distillspec_jax.stages.data import generator_spec, training_items
+from distillspec_jax.stages.prepare import Models, load_draft
+
+DISTILLED_DIR, REFERENCE_DIR = "distilled", "reference"
+OUTPUT = f"{DISTILLED_DIR}/summary.json"
+
+
+def train_config(c: ConfigDict) -> train.TrainConfig:
+    """The distillation loop's settings from config.distill (validated by TrainConfig)."""
+    d = c.distill
+    return train.TrainConfig(
+        divergence=d.divergence, jsd_beta=d.jsd_beta, temperature=d.temperature,
+        adaspec_fraction=d.adaspec_fraction or None, loss_chunk=d.loss_chunk, learning_rate=d.learning_rate,
+        warmup_steps=d.warmup_steps, total_steps=d.steps, end_lr_fraction=d.end_lr_fraction,
+        weight_decay=d.weight_decay, b1=d.b1, b2=d.b2, grad_clip_norm=d.grad_clip_norm,
+        grad_accum_steps=d.grad_accum_steps, checkpoint_every=d.checkpoint_every, keep_checkpoints=d.keep_checkpoints,
+        log_every=d.log_every, remat=d.remat, seed=c.seed)
+
+
+def _batch_source(c: ConfigDict, workdir: str, models: Models, spec: generators.GeneratorSpec) -> train.BatchSource:
+    items = training_items(c, workdir, spec)
+    batcher = pipeline.Batcher(items, c.distill.batch_size, c.seed, models.pad_id, c.data.pad_multiple, c.data.bucket,
+                               host_index=jax.process_index(), host_count=jax.process_count())
+    prompt_len = pipeline.round_up(max(len(it.prompt) for it in items), c.data.pad_multiple)
+    return generators.make_source(spec, batcher, prompt_len, c.seed)
+
+
+def distill(c: ConfigDict, workdir: str, models: Models, mesh) -> bool:
+    """Trains the draft; returns False when stopped by SIGTERM (rerun to resume), True when done."""
+    cfg = train_config(c)
+    spec = generator_spec(c, models.eos_ids, models.pad_id)
+    source = _batch_source(c, workdir, models, spec)
+    run_name = c.tracking.run_name or os.path.basename(os.path.normpath(str(workdir)))
+    tracking = dict(use_wandb=c.tracking.wandb, wandb_project=c.tracking.project, run_name=run_name,
+                    tracking_options={"wandb_entity": c.tracking.entity, "wandb_tags": tuple(c.tracking.tags)})
+    reference = None
+    if cfg.adaspec_fraction is not None:
+        # AdaSPEC's reference: the same initial draft distilled with FKL on the same data, then frozen.
+        ref_cfg = dataclasses.replace(cfg, divergence="fkl", adaspec_fraction=None,
+                                      total_steps=c.distill.adaspec_reference_steps or cfg.total_steps)
+        ref_cfg = dataclasses.replace(ref_cfg, warmup_steps=min(ref_cfg.warmup_steps, ref_cfg.total_steps))
+        ref_distiller = train.Distiller(ref_cfg, load_draft(c, models.draft_dir, mesh), models.target, mesh)
+        print(f"[distill] AdaSPEC reference draft: FKL for {ref_cfg.total_steps} steps", flush=True)
+        ref = train.run(ref_cfg, ref_distiller, source, wd.path(workdir, REFERENCE_DIR), stage="reference",
+                        **{**tracking, "use_wandb": False})
+        if ref.preempted:
+            return False
+        reference = ref_distiller.draft_model(ref.state.params)
+    distiller = train.Distiller(cfg, models.draft, models.target if cfg.loss_spec().uses_target else None, mesh,
+                                reference=reference)
+    try:
+        result = train.run(cfg, distiller, source, wd.path(workdir), stage="distill", wandb_config=c.to_dict(),
+                           **tracking)
+    except train.NonFiniteLossError as err:
+        raise train.NonFiniteLossError(
+            f"{err} To rerun with a lower learning rate on this workdir: --config.distill.learning_rate="
+            f"{c.distill.learning_rate / 10:g} --config.resume_with_changes=distill.learning_rate") from None
+    if result.preempted:
+        return False
+    distilled = distiller.draft_model(result.state.params)
+    out = wd.path(workdir, DISTILLED_DIR)
+    convert.save_orbax(distilled, out / "orbax")
+    convert.export_hf(distilled, str(out / "hf"), tokenizer_from=models.tokenizer_dir)
+    wd.write_json(wd.path(workdir, OUTPUT), {"steps": result.step, "data_position": result.data_position,
+                                             "last_metrics": result.last_metrics})
+    return True
+
+
+def distilled_draft(c: ConfigDict, workdir: str, mesh) -> qwen3.Qwen3:
+    """The distill stage's draft, from its Orbax folder."""
+    directory = wd.path(workdir, DISTILLED_DIR, "orbax")
+    if not directory.exists():
+        raise FileNotFoundError(f"no distilled draft in {directory}; run the distill stage first")
+    return load_draft(c, directory, mesh)
+
+
+def run(state) -> None:
+    if not distill(state.config, state.workdir, state.models, state.mesh):
+        print("[run] stopped on request after saving a checkpoint; rerun the same command to resume", flush=True)
+        raise Preempted(f"distillation stopped on request; its checkpoint is in "
+                        f"{wd.path(state.workdir, train.CHECKPOINT_DIR)}")

@@ -1,0 +1,73 @@
+"""Stages `eval_before` and `eval_after`: the γ sweep of (target, draft) at every evaluation temperature,
+with the undistilled draft and then the distilled one.
+
+Owns config.eval. Writes `eval_before.json` and `eval_after.json`: one row per (temperature, γ).
+"""
+
+from __future__ import annotations
+
+import jax
+from ml_collections import ConfigDict
+
+from distillspec_jax import evaluate as ev
+from distillspec_jax import sharding as shd
+from distillspec_jax import workdir as wd
+from distillspec_jax.data import pipeline
+from distillspec_jax.models import qwen3
+from distillspec_jax.progress import Progress
+from distillspec_jax.sampling import Sampler
+from distillspec_jax.stages.data import load_data
+from distillspec_jax.stages.distill import distilled_draft
+from distillspec_jax.stages.prepare import Models
+
+OUTPUTS = {"eval_before": "eval_before.json", "eval_after": "eval_after.json"}
+
+
+def eval_samplers(c: ConfigDict) -> list[Sampler]:
+    return [Sampler(temperature=float(t), top_k=c.eval.top_k, top_p=c.eval.top_p) for t in c.eval.temperatures]
+
+
+def eval_batches(c: ConfigDict, workdir: str, mesh) -> list[ev.PromptBatch]:
+    """The held-out prompts as global [B, T] batches of one static prompt length."""
+    items = load_data(workdir, "eval")[: c.eval.num_prompts]
+    prompt_len = pipeline.round_up(max(len(it.prompt) for it in items), c.data.pad_multiple)
+    local = shd.host_slice(c.eval.batch_size)
+    batches = []
+    for i in range(0, len(items), c.eval.batch_size):
+        padded = pipeline.pad_prompts([it.prompt for it in items[i : i + c.eval.batch_size]], prompt_len, 0)
+        batches.append((shd.global_batch(padded["prompts"][local], mesh),
+                        shd.global_batch(padded["prompt_lens"][local], mesh)))
+    return batches
+
+
+def evaluate(c: ConfigDict, workdir: str, models: Models, draft: qwen3.Qwen3, mesh, stage: str) -> list[dict]:
+    """γ sweep of (target, draft) at every evaluation temperature: one row per (temperature, γ)."""
+    batches = eval_batches(c, workdir, mesh)
+    samplers = eval_samplers(c)
+    progress = Progress(stage, len(samplers) * len(c.eval.gammas), unit="γ")
+    rows = []
+    gammas = [int(g) for g in c.eval.gammas]
+    measure_time = c.eval.timing_repeats > 0
+    # Step costs (c, verify) do not depend on the sampler: measured once for every temperature.
+    costs = ev.step_costs(models.target, draft, batches, gammas, c.eval.max_new_tokens,
+                          c.eval.timing_repeats, c.eval.timing_steps) if measure_time else None
+    for i, sampler in enumerate(samplers):
+        rng = jax.random.fold_in(jax.random.key(c.seed), 100 + i)
+        sweep = ev.gamma_sweep(models.target, draft, batches, gammas, c.eval.max_new_tokens,
+                               sampler, rng, eos_ids=models.eos_ids, runs=c.eval.timing_repeats,
+                               measure_time=measure_time, analytic=c.eval.analytic, costs=costs,
+                               on_gamma=lambda g, t=sampler.temperature: progress.update(note=f"T={t} γ={g}"))
+        rows += sweep
+    progress.done()
+    return rows
+
+
+def run_before(state) -> None:
+    rows = evaluate(state.config, state.workdir, state.models, state.models.draft, state.mesh, "eval_before")
+    wd.write_json(wd.path(state.workdir, OUTPUTS["eval_before"]), rows)
+
+
+def run_after(state) -> None:
+    draft = distilled_draft(state.config, state.workdir, state.mesh)
+    rows = evaluate(state.config, state.workdir, state.models, draft, state.mesh, "eval_after")
+    wd.write_json(wd.path(state.workdir, OUTPUTS["eval_after"]), rows)
