@@ -16,7 +16,7 @@ from typing import Any
 import jax
 from ml_collections import ConfigDict
 
-from distillspec_jax import checks, lease, stages, tracking, train
+from distillspec_jax import checkpoint, checks, lease, stages, tracking
 from distillspec_jax import sharding as shd
 from distillspec_jax import workdir as wd
 from distillspec_jax.stages import data as data_stage
@@ -28,7 +28,7 @@ TINY = checks.TINY
 # Every name a run writes at the top of its workdir: overwrite=True deletes these (but the model cache and
 # the marker) and nothing else, and a folder holding other names is not taken for a workdir (workdir.py).
 OWNED = (wd.MARKER_FILE, lease.LOCK_FILE, wd.CONFIG_FILE, tracking.METRICS_FILE, tracking.WANDB_ID_FILE, "wandb",
-         train.CHECKPOINT_DIR, "plots", "logs", *stages.WRITTEN)
+         checkpoint.CHECKPOINT_DIR, "plots", "logs", *stages.WRITTEN)
 
 
 # ----------------------------------------------------------------------------------------------

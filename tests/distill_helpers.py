@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from distillspec_jax import sharding as shd
-from distillspec_jax import train
+from distillspec_jax import checkpoint, train
 from distillspec_jax.models import qwen3
 
 VOCAB = 64  # tiny vocabulary (divides a tensor axis of 2); the last 4 ids are padding rows
@@ -138,7 +138,7 @@ def main_multihost(out: str, workdir: str, mesh_shape: tuple[int, int, int]) -> 
                                 shd.make_mesh(*mesh_shape), reference)
     result = train.run(cfg, distiller, SyntheticSource(SHARDING_BATCH, SHARDING_SEQ), workdir)
     params = params_to_numpy(result.state.params)
-    checkpoints = train.Checkpointer(workdir, cfg.keep_checkpoints).manager.all_steps()  # collective: all hosts
+    checkpoints = checkpoint.Checkpointer(workdir, cfg.keep_checkpoints).manager.all_steps()  # collective: all hosts
     if jax.process_index() == 0:
         losses = [r["loss"] for r in tracking.read_metrics(pathlib.Path(workdir) / tracking.METRICS_FILE)]
         pathlib.Path(out).write_text(json.dumps({"losses": losses, "process_count": jax.process_count(),

@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 from distillspec_jax import sharding as shd
-from distillspec_jax import tracking, train
+from distillspec_jax import checkpoint, tracking, train
 from tests import distill_helpers as h
 from tests import sigterm_worker
 
@@ -91,7 +91,7 @@ def test_resume_after_crash_is_exact(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         train.run(LOOP_CFG, _distiller(), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ, fail_at=4), crashed)
     assert sorted(_losses(crashed)) == [1, 2, 3, 4]
-    assert train.Checkpointer(crashed, 2).latest_step() == 3
+    assert checkpoint.Checkpointer(crashed, 2).latest_step() == 3
 
     # The resumed run's seed is different: the data RNG must come from the checkpoint, not the config.
     resumed = train.run(dataclasses.replace(LOOP_CFG, seed=LOOP_CFG.seed + 1), _distiller(),
@@ -103,7 +103,7 @@ def test_resume_after_crash_is_exact(tmp_path):
     assert got == want
     _assert_params_equal(h.params_to_numpy(resumed.state.params), h.params_to_numpy(straight.state.params))
     # keep_checkpoints=2: steps 3 and 6 remain.
-    assert train.Checkpointer(crashed, 2).manager.all_steps() == [3, 6]
+    assert checkpoint.Checkpointer(crashed, 2).manager.all_steps() == [3, 6]
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
@@ -127,7 +127,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     stopped = result["step"]
     assert result["preempted"] and 2 <= stopped < 1000
     # checkpoint_every is 1000: this checkpoint can only come from the signal handler.
-    assert train.Checkpointer(workdir, 2).latest_step() == stopped
+    assert checkpoint.Checkpointer(workdir, 2).latest_step() == stopped
 
     cfg = train.TrainConfig(**{**sigterm_worker.SIGTERM_CFG, "total_steps": stopped + 2})
     resumed = train.run(cfg, _distiller(cfg), h.SyntheticSource(sigterm_worker.BATCH, sigterm_worker.SEQ), workdir)
@@ -152,7 +152,7 @@ def test_data_source_sees_the_current_draft(tmp_path):
     result = train.run(cfg, distiller, source, tmp_path)
     assert len(seen) == 3
     _assert_params_equal(seen[0], initial)
-    after_two = train.Checkpointer(tmp_path, 2).restore(distiller.abstract_state(), step=2)[1]
+    after_two = checkpoint.Checkpointer(tmp_path, 2).restore(distiller.abstract_state(), step=2)[1]
     _assert_params_equal(seen[2], h.params_to_numpy(after_two.params))
     assert np.abs(seen[2]["embed"] - seen[1]["embed"]).max() > 0
     assert result.step == 3
@@ -162,7 +162,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = dataclasses.replace(LOOP_CFG, checkpoint_every=2)
     with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss at step 5: loss=nan.*checkpoint is step 4"):
         train.run(cfg, _distiller(cfg), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ, nan_at=4), tmp_path)
-    checkpointer = train.Checkpointer(tmp_path, 2)
+    checkpointer = checkpoint.Checkpointer(tmp_path, 2)
     assert checkpointer.latest_step() == 4
     assert sorted(_losses(tmp_path)) == [1, 2, 3, 4]
     step, state, position, _ = checkpointer.restore(_distiller(cfg).abstract_state())
@@ -391,11 +391,11 @@ def _corrupt(step_dir: pathlib.Path, how: str) -> None:
 def test_a_corrupt_newest_checkpoint_falls_back_and_resumes_exactly(fallback_runs, tmp_path, capsys, how):
     straight, root, resumer = fallback_runs
     crashed = _copy(root / "crashed", tmp_path / "crashed")
-    _corrupt(crashed / train.CHECKPOINT_DIR / "4", how)
+    _corrupt(crashed / checkpoint.CHECKPOINT_DIR / "4", how)
     resumed = train.run(FALLBACK_CFG, resumer, h.SyntheticSource(LOOP_BATCH, LOOP_SEQ), crashed)
     out = capsys.readouterr().out
     assert "checkpoint step 4" in out and "unreadable" in out and "resuming from step 2" in out
-    assert (crashed / train.CHECKPOINT_DIR / "corrupt-4").is_dir()  # kept aside for a post-mortem
+    assert (crashed / checkpoint.CHECKPOINT_DIR / "corrupt-4").is_dir()  # kept aside for a post-mortem
     assert resumed.step == 6 and _losses(crashed) == _losses(root / "straight")
     _assert_params_equal(h.params_to_numpy(resumed.state.params), h.params_to_numpy(straight.state.params))
 
@@ -404,8 +404,8 @@ def test_no_restorable_checkpoint_is_a_clear_error(fallback_runs, tmp_path):
     _, root, resumer = fallback_runs
     crashed = _copy(root / "crashed", tmp_path / "crashed")
     for step in ("2", "4"):
-        _corrupt(crashed / train.CHECKPOINT_DIR / step, "missing_meta")
-    with pytest.raises(train.CheckpointError, match=r"no checkpoint in .*checkpoints restores.*fix: restore"):
+        _corrupt(crashed / checkpoint.CHECKPOINT_DIR / step, "missing_meta")
+    with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint in .*checkpoints restores.*fix: restore"):
         train.run(FALLBACK_CFG, resumer, h.SyntheticSource(LOOP_BATCH, LOOP_SEQ), crashed)
 
 
@@ -430,3 +430,18 @@ def test_batches_longer_than_the_models_positions_are_refused():
     with pytest.raises(ValueError, match=f"{too_long} positions exceed the models' max_position_embeddings"):
         distiller.check_batch({"tokens": np.zeros((4, too_long), np.int32),
                                "loss_mask": np.zeros((4, too_long), np.float32)})
+
+
+def test_a_checkpoint_of_the_per_layer_layout_is_named_not_moved_aside(fallback_runs, tmp_path):
+    # Written before the layers were stacked: params['layers'] held one subtree per layer ('0', '1', ...).
+    _, _, resumer = fallback_runs
+    stacked = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), resumer.abstract_state().params)
+    layers = stacked["layers"]
+    count = jax.tree.leaves(layers)[0].shape[0]
+    old = {**stacked, "layers": {str(i): jax.tree.map(lambda x, i=i: x[i], layers) for i in range(count)}}
+    saver = checkpoint.Checkpointer(tmp_path, 2)
+    saver.save(4, train.TrainState(old, train.make_optimizer(FALLBACK_CFG).init(old)), 4, jax.random.key(0))
+    saver.wait()
+    with pytest.raises(checkpoint.CheckpointError, match=r"step 4 .* another parameter layout .*layers.*overwrite=True"):
+        checkpoint.Checkpointer(tmp_path, 2).restore_newest(resumer.abstract_state())
+    assert (tmp_path / checkpoint.CHECKPOINT_DIR / "4").is_dir()  # kept where it was: it is not damaged

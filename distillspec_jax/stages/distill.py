@@ -14,7 +14,7 @@ import os
 import jax
 from ml_collections import ConfigDict
 
-from distillspec_jax import train
+from distillspec_jax import checkpoint, train
 from distillspec_jax import workdir as wd
 from distillspec_jax.data import generators, pipeline
 from distillspec_jax.errors import Preempted
@@ -99,4 +99,4 @@ def run(state) -> None:
     if not distill(state.config, state.workdir, state.models, state.mesh):
         print("[run] stopped on request after saving a checkpoint; rerun the same command to resume", flush=True)
         raise Preempted(f"distillation stopped on request; its checkpoint is in "
-                        f"{wd.path(state.workdir, train.CHECKPOINT_DIR)}")
+                        f"{wd.path(state.workdir, checkpoint.CHECKPOINT_DIR)}")
