@@ -13,7 +13,6 @@ from ml_collections import ConfigDict
 
 from distillspec_jax.stages import NAMES as STAGES
 
-
 # Real target/draft pairs, by preset name: (draft, target).
 REAL_PAIRS = {
     "": ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-8B"),

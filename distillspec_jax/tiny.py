@@ -23,10 +23,10 @@ import shutil
 from collections.abc import Iterator
 
 import numpy as np
-from flax import nnx
 
 from distillspec_jax import sharding as shd
 from distillspec_jax import train
+from distillspec_jax.data import source as data_source
 from distillspec_jax.data import sources
 from distillspec_jax.errors import Preempted
 from distillspec_jax.models import convert, qwen3
@@ -85,7 +85,7 @@ def _pretrain(model: qwen3.Qwen3, sequences: np.ndarray, steps: int, tiny_cfg: d
     batch = tiny_cfg["batch_size"]
     local = shd.host_slice(batch)
 
-    def batches(position: int, context: train.DataContext) -> Iterator[dict]:
+    def batches(position: int, context: data_source.DataContext) -> Iterator[dict]:
         while True:
             rows = np.arange(position * batch, (position + 1) * batch) % len(sequences)
             tokens = sequences[rows][local]

@@ -12,14 +12,7 @@ A batch is a dict of [B, T] arrays: `tokens` (int32, prompt + response, right pa
 `loss_mask` (1 where position t's next-token distribution, the one generating token t + 1, is trained;
 see `divergences.next_token_loss_mask`). Extra keys are ignored by the step.
 
-Data. A source is `batches(position, context) -> Iterator[batch]`: the batches starting at data
-position `position` (the number of batches consumed before), each one this host's rows of a global
-batch. Resuming calls it again with the restored position, so the stream continues exactly. The
-context carries the run's RNG (per-batch keys are `fold_in(context.rng, position)`) and a callable
-returning the draft with its current parameters: an on-policy source regenerates its responses with
-it every K positions. The loop asks for the next batch only after the previous step has finished, so
-the draft it sees is up to date; it must use the parameters at once and not keep them (the next step
-donates their buffers).
+The batches come from a `data.source.BatchSource` (the protocol is documented there).
 """
 
 from __future__ import annotations
@@ -31,7 +24,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -42,17 +34,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from distillspec_jax import divergences as dv
-from distillspec_jax.checkpoint import Checkpointer
 from distillspec_jax import sharding as shd
 from distillspec_jax import tracking
+from distillspec_jax.checkpoint import Checkpointer
+from distillspec_jax.data.source import BATCH_KEYS, Batch, BatchSource, DataContext
 from distillspec_jax.errors import UserError
 from distillspec_jax.models import qwen3
 from distillspec_jax.progress import Progress
 
-BATCH_KEYS = ("tokens", "loss_mask")
-
 Params = dict[str, Any]  # nested dict of arrays, nnx.to_pure_dict layout
-Batch = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,18 +357,6 @@ class Distiller:
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class DataContext:
-    """What a data source may use besides its position."""
-
-    rng: jax.Array  # the run's data key (checkpointed); the batch at position i uses fold_in(rng, i)
-    draft: Callable[[], qwen3.Qwen3]  # the draft with its current parameters (on-policy regeneration)
-    mesh: Mesh  # for sources that generate with sharded models
-
-
-BatchSource = Callable[[int, DataContext], Iterator[Batch]]
 
 
 class LoopResult(NamedTuple):

@@ -13,8 +13,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from distillspec_jax import sharding as shd
 from distillspec_jax import checkpoint, train
+from distillspec_jax import sharding as shd
+from distillspec_jax.data import source as data_source
 from distillspec_jax.models import qwen3
 
 VOCAB = 64  # tiny vocabulary (divides a tensor axis of 2); the last 4 ids are padding rows
@@ -74,7 +75,7 @@ class SyntheticSource:
     fail_at: int | None = None  # position at which the source raises (a simulated crash)
     sleep_s: float = 0.0  # per batch, so that a signal can arrive mid-run
 
-    def __call__(self, position: int, context: train.DataContext | None) -> Iterator[dict[str, np.ndarray]]:
+    def __call__(self, position: int, context: data_source.DataContext | None) -> Iterator[dict[str, np.ndarray]]:
         rows = shd.host_slice(self.batch)
         while True:
             if position == self.fail_at:
@@ -117,7 +118,7 @@ def run_steps(cfg: train.TrainConfig, mesh, steps: int, batch: int, seq: int, dr
     distiller = train.Distiller(cfg, draft, make_target(target_seed), mesh, reference)
     state = distiller.init_state()
     # The data the loop would feed (its RNG starts from the config's seed), without the loop.
-    context = train.DataContext(rng=jax.random.key(cfg.seed), draft=lambda: None, mesh=mesh)
+    context = data_source.DataContext(rng=jax.random.key(cfg.seed), draft=lambda: None, mesh=mesh)
     source = SyntheticSource(batch, seq)(0, context)
     losses = []
     for _ in range(steps):

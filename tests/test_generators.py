@@ -13,6 +13,7 @@ from distillspec_jax import generate as gen
 from distillspec_jax import sharding as shd
 from distillspec_jax import train
 from distillspec_jax.data import generators, pipeline
+from distillspec_jax.data import source as data_source
 from distillspec_jax.sampling import Sampler
 from tests import distill_helpers as h
 
@@ -46,8 +47,8 @@ def draft():
     return h.make_draft(seed=0, layer_scale=20.0)
 
 
-def _context(mesh, model_fn) -> train.DataContext:
-    return train.DataContext(rng=jax.random.key(7), draft=model_fn, mesh=mesh)
+def _context(mesh, model_fn) -> data_source.DataContext:
+    return data_source.DataContext(rng=jax.random.key(7), draft=model_fn, mesh=mesh)
 
 
 def test_fixed_batch_trains_the_positions_before_response_tokens(mesh):

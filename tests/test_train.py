@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from distillspec_jax import sharding as shd
 from distillspec_jax import checkpoint, tracking, train
+from distillspec_jax import sharding as shd
+from distillspec_jax.data import source as data_source
 from tests import distill_helpers as h
 from tests import sigterm_worker
 
@@ -338,7 +339,7 @@ def _step_temp_bytes(remat: bool) -> int:
     distiller = train.Distiller(cfg, h.make_draft(cfg=deep), h.make_target(), shd.single_device_mesh())
     batch = distiller.global_batch(h.synthetic_batch(0, 8, 256))
     compiled = distiller._step.lower(distiller.abstract_state(), distiller.target_params, distiller.reference_params,
-                                     {k: batch[k] for k in train.BATCH_KEYS}).compile()
+                                     {k: batch[k] for k in data_source.BATCH_KEYS}).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 

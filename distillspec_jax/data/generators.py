@@ -5,7 +5,7 @@
     draft   y ~ q(·|x), on-policy: sampled by the current draft, refreshed every `regenerate_every` steps
     mix     per example, with probability λ a draft-generated y, otherwise a target-generated (or fixed) y
 
-A source is `train.BatchSource`: `(position, context) -> Iterator[batch]`, each batch this host's rows
+A source is `data_source.BatchSource`: `(position, context) -> Iterator[batch]`, each batch this host's rows
 of global batch `position`: `tokens` [b, L] and `loss_mask` [b, L] (the positions whose next token is a
 response token). L is static per generator, so the step compiles once: prompt_len + response budget.
 
@@ -27,8 +27,8 @@ from flax import nnx
 from distillspec_jax import divergences as dv
 from distillspec_jax import generate as gen
 from distillspec_jax import sharding as shd
-from distillspec_jax import train
 from distillspec_jax.data import pipeline
+from distillspec_jax.data import source as data_source
 from distillspec_jax.models import qwen3
 from distillspec_jax.progress import Progress
 from distillspec_jax.sampling import Sampler
@@ -116,7 +116,7 @@ def generate_responses(model: qwen3.Qwen3, prompts: Sequence[np.ndarray], spec: 
     return responses
 
 
-def make_source(spec: GeneratorSpec, batcher: pipeline.Batcher, prompt_len: int, seed: int) -> train.BatchSource:
+def make_source(spec: GeneratorSpec, batcher: pipeline.Batcher, prompt_len: int, seed: int) -> data_source.BatchSource:
     """The training batch source of `spec.kind` over `batcher`'s examples (whose responses are the fixed,
     or the target-generated, ones). prompt_len: the static padded prompt length of generation."""
     response_len = spec.max_new_tokens
@@ -128,7 +128,7 @@ def make_source(spec: GeneratorSpec, batcher: pipeline.Batcher, prompt_len: int,
         packed = batcher.sequences(position, length=length)
         return {"tokens": packed["tokens"], "loss_mask": loss_mask(packed["response_mask"])}
 
-    def on_policy(position: int, model: qwen3.Qwen3, context: train.DataContext) -> dict[str, np.ndarray]:
+    def on_policy(position: int, model: qwen3.Qwen3, context: data_source.DataContext) -> dict[str, np.ndarray]:
         prompts = batcher.prompts(position, length=prompt_len)
         out = _local_rows(_generate_all(model, prompts, spec, jax.random.fold_in(context.rng, position),
                                         context.mesh))
@@ -142,7 +142,7 @@ def make_source(spec: GeneratorSpec, batcher: pipeline.Batcher, prompt_len: int,
             response = np.where(use_draft, response, other["response_mask"])
         return {"tokens": tokens.astype(np.int32), "loss_mask": loss_mask(response)}
 
-    def batches(position: int, context: train.DataContext) -> Iterator[dict[str, np.ndarray]]:
+    def batches(position: int, context: data_source.DataContext) -> Iterator[dict[str, np.ndarray]]:
         generator_model = None
         while True:
             if not spec.on_policy:

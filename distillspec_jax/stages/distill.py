@@ -17,6 +17,7 @@ from ml_collections import ConfigDict
 from distillspec_jax import checkpoint, train
 from distillspec_jax import workdir as wd
 from distillspec_jax.data import generators, pipeline
+from distillspec_jax.data import source as data_source
 from distillspec_jax.errors import Preempted
 from distillspec_jax.models import convert, qwen3
 from distillspec_jax.stages.data import generator_spec, training_items
@@ -38,7 +39,7 @@ def train_config(c: ConfigDict) -> train.TrainConfig:
         log_every=d.log_every, remat=d.remat, seed=c.seed)
 
 
-def _batch_source(c: ConfigDict, workdir: str, models: Models, spec: generators.GeneratorSpec) -> train.BatchSource:
+def _batch_source(c: ConfigDict, workdir: str, models: Models, spec: generators.GeneratorSpec) -> data_source.BatchSource:
     items = training_items(c, workdir, spec)
     batcher = pipeline.Batcher(items, c.distill.batch_size, c.seed, models.pad_id, c.data.pad_multiple, c.data.bucket,
                                host_index=jax.process_index(), host_count=jax.process_count())
