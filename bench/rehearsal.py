@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import pathlib
-import re
 import subprocess
 import sys
 import time
@@ -39,44 +37,26 @@ COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compi
                   "/jax/core/compile/jaxpr_trace_duration")
 
 
-class _CompileLog(logging.Handler):
-    """Collects JAX's 'Finished XLA compilation of jit(NAME) in S sec' lines (jax_log_compiles)."""
-
-    PATTERN = re.compile(r"Finished XLA compilation of (.+) in ([0-9.e+-]+) sec")
-
-    def __init__(self):
-        super().__init__()
-        self.compiles: list[tuple[str, float]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        match = self.PATTERN.search(record.getMessage())
-        if match:
-            self.compiles.append((match.group(1), float(match.group(2))))
-
-
 class StageMeter:
     """Wall time, compile time (summed JAX compile events), the programs XLA compiled (with how often) and
     peak RSS of each stage of one process."""
 
     def __init__(self):
         self.compile_s = 0.0
+        self.compiles: list[tuple[str, float]] = []  # (program name, backend compile seconds), in order
         self.stages: dict[str, dict[str, Any]] = {}
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
-        jax.config.update("jax_log_compiles", True)
-        self.log = _CompileLog()
-        for name in ("jax._src.dispatch", "jax._src.interpreters.pxla"):
-            logger = logging.getLogger(name)
-            logger.addHandler(self.log)
-            logger.propagate = False  # collected here, not printed line by line
 
-    def _on_event(self, event: str, duration: float, **_) -> None:
+    def _on_event(self, event: str, duration: float, **kwargs) -> None:
         if event in COMPILE_EVENTS:
             self.compile_s += duration
+        if event == COMPILE_EVENTS[0] and "fun_name" in kwargs:  # the backend compile names its program
+            self.compiles.append((str(kwargs["fun_name"]), duration))
 
     def _programs(self, since: int) -> dict[str, dict[str, float]]:
         """Programs that took over MIN_PROGRAM_COMPILE_S to compile, with their count and seconds."""
         programs: dict[str, dict[str, float]] = {}
-        for name, seconds in self.log.compiles[since:]:
+        for name, seconds in self.compiles[since:]:
             entry = programs.setdefault(name, {"compiles": 0, "seconds": 0.0})
             entry["compiles"] += 1
             entry["seconds"] += seconds
@@ -85,12 +65,12 @@ class StageMeter:
     @contextlib.contextmanager
     def __call__(self, stage: str):
         reset_peak_rss()
-        compile_start, start, logged = self.compile_s, time.perf_counter(), len(self.log.compiles)
+        compile_start, start, logged = self.compile_s, time.perf_counter(), len(self.compiles)
         try:
             yield
         finally:
             self.stages[stage] = {"wall_s": time.perf_counter() - start, "compile_s": self.compile_s - compile_start,
-                                  "peak_rss_bytes": peak_rss_bytes(), "compiles": len(self.log.compiles) - logged,
+                                  "peak_rss_bytes": peak_rss_bytes(), "compiles": len(self.compiles) - logged,
                                   "programs": self._programs(logged)}
             common.log(f"{stage}: {self.stages[stage]}")
 
@@ -152,7 +132,7 @@ def rehearsal_config(folders: dict[str, pathlib.Path], args: argparse.Namespace)
     c.generator.max_new_tokens = args.new_tokens
     c.distill.update(steps=args.steps, batch_size=args.batch, warmup_steps=1, checkpoint_every=args.steps,
                      log_every=1)
-    c.eval.update(gammas=tuple(args.gammas), num_prompts=args.eval_prompts, batch_size=args.eval_prompts,
+    c.eval.update(gammas=tuple(args.gammas), temperatures=tuple(args.temperatures), num_prompts=args.eval_prompts, batch_size=args.eval_prompts,
                   max_new_tokens=args.new_tokens, timing_repeats=1, timing_steps=args.timing_steps)
     c.plots = False
     c.compilation_cache = ""  # every compile is counted, as on a fresh machine
@@ -169,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--timing_steps", type=int, default=2, help="decode steps per timed call (c, verify cost)")
     parser.add_argument("--eval_prompts", type=int, default=4, help="evaluation prompts (one batch)")
     parser.add_argument("--gammas", type=int, nargs="+", default=[1, 3], help="draft block lengths")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0],
+                        help="evaluation temperatures (sampling, the path with the residual draw; 0 adds greedy)")
     parser.add_argument("--write_checkpoints_only", action="store_true",
                         help="only write the random checkpoints (the measured run does this in a child process, so "
                              "that building them leaves nothing in its memory)")

@@ -500,8 +500,8 @@ def programs(run: Run) -> list[Program]:
                 lower = functools.partial(ev._acceptance_sum.lower, tg, dg, ts, ds, sequences, predicts,
                                           sampler=sampler, chunk=min(ev.POSITION_CHUNK, length))
                 out.append(Program(f"{stage}/{t}/analytic_acceptance", lower, others("eval", "target", "draft")))
-            if c.eval.timing_repeats > 0:
-                generate(f"{stage}/{t}/decode_target", tg, ts, s.eval_batch, s.eval_tokens, sampler, False,
+            if c.eval.timing_repeats > 0 and not c.eval.analytic:  # else the analytic pass's program, reused
+                generate(f"{stage}/{t}/decode_target", tg, ts, s.eval_batch, s.eval_tokens, sampler, True,
                          others("eval", "target"), target.cfg)
             for gamma in gammas:
                 p, lens = prompts(s.eval_batch, s.prompt_len)
