@@ -17,18 +17,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import pathlib
 import subprocess
 import sys
 import time
 from typing import Any
 
-import jax
+# XLA:CPU has no bfloat16 matmul: it converts each bfloat16 dot's operands to float32, and its loop-invariant
+# code motion then hoists that conversion of the stacked layer weights out of the layer scan, so every program
+# keeps a float32 copy of each bfloat16 model alive (6.9 GB for Qwen3-1.7B). Accelerators multiply bfloat16
+# natively and make no such copy; with JAX_PLATFORMS=cpu the pass is turned off (measured in docs/scale.md).
+# Set before JAX starts its backend.
+CPU_XLA_FLAGS = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
+if os.environ.get("JAX_PLATFORMS") == "cpu" and "xla_disable_hlo_passes" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_XLA_FLAGS}".strip()
 
-from bench import common
-from configs import jsd
-from distillspec_jax import experiment
-from distillspec_jax.models import convert, qwen3
+import jax  # noqa: E402
+
+from bench import common  # noqa: E402
+from configs import jsd  # noqa: E402
+from distillspec_jax import experiment  # noqa: E402
+from distillspec_jax.models import convert, qwen3  # noqa: E402
 
 DRAFT, TARGET = "Qwen3-0.6B", "Qwen3-1.7B"
 MEMORY_BOUND_FACTOR = 1.3  # allowed peak RSS over the training state and the largest batch's activations
