@@ -7,6 +7,7 @@ so early and name the offline alternatives.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -15,7 +16,7 @@ import os
 import pathlib
 import sysconfig
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from distillspec_jax import hub
 from distillspec_jax.errors import UserError
@@ -231,29 +232,56 @@ def stdlib_docstrings(limit: int | None = None, min_chars: int = DOCSTRING_MIN_C
     return rows
 
 
-SOURCES: dict[str, Callable[..., list[Example]]] = {
-    "hf": hf_dataset,
-    "tfds": tfds_dataset,
-    "jsonl": jsonl,
-    "humaneval": humaneval,
-    "stdlib": stdlib_corpus,
-    "stdlib_docstrings": stdlib_docstrings,
-}
+class Request(NamedTuple):
+    """What a source is asked for (config.data's fields)."""
+
+    name: str  # dataset id or file path ('' where the source has one collection)
+    config_name: str | None  # the HF dataset's configuration
+    split: str  # the split read ('' for a splitless source)
+    data_dir: str | None  # TFDS data folder
+    limit: int | None  # at most this many rows (None: all)
 
 
-# Sources that are one undivided collection: `split` means nothing to them, so evaluation prompts must be
-# held out of the training examples (eval_split '') rather than read from a "split" that is the same data.
-SPLITLESS_SOURCES = ("jsonl", "humaneval", "stdlib", "stdlib_docstrings")
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A registered data source."""
+
+    read: Callable[[Request], list[Example]]
+    splitless: bool = False  # one undivided collection: evaluation prompts are held out of its examples
+    needs_name: bool = False  # reads config.data.name (a dataset id or a file path)
+
+
+SOURCES: dict[str, Source] = {}
+
+
+def register(name: str, source: Source) -> None:
+    """Adds a data source under its config name (config.data.source)."""
+    if name in SOURCES:
+        raise ValueError(f"data source {name!r} is already registered")
+    SOURCES[name] = source
+
+
+register("hf", Source(lambda r: hf_dataset(r.name, r.config_name or None, r.split, r.limit), needs_name=True))
+register("tfds", Source(lambda r: tfds_dataset(r.name, r.split, r.data_dir or None, r.limit)))
+register("jsonl", Source(lambda r: jsonl(r.name, r.limit), splitless=True, needs_name=True))
+register("humaneval", Source(lambda r: humaneval(r.limit), splitless=True))
+register("stdlib", Source(lambda r: stdlib_corpus(r.limit), splitless=True))
+register("stdlib_docstrings", Source(lambda r: stdlib_docstrings(r.limit), splitless=True))
+
+
+def _source(source: str) -> Source:
+    if source not in SOURCES:
+        raise DataSourceError(f"unknown data source {source!r}; choose one of {sorted(SOURCES)}")
+    return SOURCES[source]
 
 
 def check_source(source: str, name: str, split: str, eval_split: str) -> None:
     """The checks `load` would make that need no data: run before any model is loaded or converted."""
-    if source not in SOURCES:
-        raise DataSourceError(f"unknown data source {source!r}; choose one of {sorted(SOURCES)}")
-    if source in SPLITLESS_SOURCES and eval_split:
+    spec = _source(source)
+    if spec.splitless and eval_split:
         raise DataSourceError(f"data source {source!r} has no splits, so eval_split={eval_split!r} would evaluate "
                               "on training examples; set config.data.eval_split='' to hold evaluation prompts out")
-    if source in ("hf", "jsonl") and not name:
+    if spec.needs_name and not name:
         raise DataSourceError(f"data source {source!r} needs config.data.name (a dataset id or a file path)")
     if source == "jsonl" and not pathlib.Path(name).is_file():
         raise DataSourceError(f"JSONL file {name!r} does not exist")
@@ -270,17 +298,5 @@ def check_source(source: str, name: str, split: str, eval_split: str) -> None:
 
 def load(source: str, name: str = "", config_name: str | None = None, split: str = "train",
          data_dir: str | None = None, limit: int | None = None) -> list[Example]:
-    """Dispatches on `source`, one of SOURCES."""
-    if source == "hf":
-        return hf_dataset(name, config_name or None, split, limit)
-    if source == "tfds":
-        return tfds_dataset(name, split, data_dir or None, limit)
-    if source == "jsonl":
-        return jsonl(name, limit)
-    if source == "humaneval":
-        return humaneval(limit)
-    if source == "stdlib":
-        return stdlib_corpus(limit)
-    if source == "stdlib_docstrings":
-        return stdlib_docstrings(limit)
-    raise DataSourceError(f"unknown data source {source!r}; choose one of {sorted(SOURCES)}")
+    """Rows of the registered source `source` (one of SOURCES)."""
+    return _source(source).read(Request(name, config_name, split, data_dir, limit))
