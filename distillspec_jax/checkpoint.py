@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from distillspec_jax import hostmem
 from distillspec_jax import sharding as shd
 from distillspec_jax import tracking
 from distillspec_jax import workdir as wd
@@ -20,6 +21,10 @@ from distillspec_jax.errors import Preempted, UserError
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_PREFIX = "corrupt-"  # checkpoints/corrupt-<step>: a checkpoint that did not restore, kept aside
+# Bytes of the state copied to the host at once while saving (Orbax's default is 96 GB: a copy of the whole
+# state). Measured on CPU for the 0.6B draft's 7.15 GB state: peak resident +4.5 GB at 96, +0.9 GB at 1,
+# both saving in 8 s.
+SAVE_CONCURRENT_GB = 2
 
 
 
@@ -50,8 +55,10 @@ class Checkpointer:
         self._ocp = ocp
         directory = wd.path(workdir, CHECKPOINT_DIR)  # local (made absolute) or gs://
         self.directory = directory
+        handlers = {"state": ocp.StandardCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB),
+                    "meta": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep),
-                                             item_names=("state", "meta"))
+                                             item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -156,6 +163,7 @@ class Checkpointer:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        hostmem.release_freed()  # the host copies of the saved state
 
     def close(self) -> None:
         self.manager.close()

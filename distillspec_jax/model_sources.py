@@ -23,7 +23,7 @@ from typing import Any
 
 import jax
 
-from distillspec_jax import files, hub
+from distillspec_jax import files, hostmem, hub
 from distillspec_jax import sharding as shd
 from distillspec_jax.models import convert
 
@@ -127,6 +127,7 @@ def converted(source: str, param_dtype: str, out, mesh) -> str:
         shd.barrier(f"distillspec:reconvert:{out.name}")
     # The loader resolves hub ids itself: the local HF cache first, then the Hub (with one early probe).
     convert.convert_hf_to_orbax(source, str(out), dtype=param_dtype, mesh=mesh)
+    hostmem.release_freed()  # the conversion's freed tensors: gigabytes the allocator would otherwise keep
     if current["kind"] == "hub":
         current = hub_identity(source)  # the revision just converted, now in the local HF cache
     if jax.process_index() == 0:
