@@ -55,7 +55,7 @@ from distillspec_jax import sharding as shd
 from distillspec_jax import speculative as spec
 from distillspec_jax import train
 from distillspec_jax.data import pipeline
-from distillspec_jax.models import qwen3
+from distillspec_jax.models import convert, qwen3
 from distillspec_jax.costs import CHIPS, GiB, chip
 from distillspec_jax.sampling import Sampler
 
@@ -194,7 +194,7 @@ def model_config(c: ConfigDict, which: str) -> qwen3.Qwen3Config:
         # The tiny tokenizer is trained to exactly tiny.vocab_size ids, the models' vocabulary.
         cfg = tiny.model_config(c.tiny.to_dict(), which, c.tiny.vocab_size)
     elif os.path.isdir(m.model):
-        cfg = qwen3.from_hf_config(os.path.join(m.model, "config.json"))
+        cfg = convert.from_hf_config(os.path.join(m.model, "config.json"))
     else:
         try:
             cfg = qwen3.preset(m.model)

@@ -6,6 +6,11 @@
                      against the models' max_position_embeddings (RoPE runs past it without an error)
     load_examples    the raw data: an empty source, a row without the field its task reads (with its
                      file, row and line), and too few rows for the evaluation and one training batch
+
+and, on the host before tracing, what the models are given (the model file checks nothing of this):
+
+    check_same_vocabulary  draft and target (or reference) compare distributions id by id
+    check_token_ids        ids outside the embedding table, which JAX would not report
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from ml_collections import ConfigDict
 
@@ -25,6 +31,7 @@ from distillspec_jax import hub
 from distillspec_jax import workdir as wd
 from distillspec_jax.data import pipeline, sources, tasks
 from distillspec_jax.errors import field_error
+from distillspec_jax.models import qwen3
 
 STAGES = ("prepare", "data", "eval_before", "distill", "eval_after", "report")
 TINY = "tiny"
@@ -441,3 +448,36 @@ def load_examples(c: ConfigDict) -> tuple[list[dict], list[dict]]:
         raise sources.DataSourceError(f"{_where(c, d.split)} has {len(examples)} training rows, fewer than one batch "
                                       f"of distill.batch_size={c.distill.batch_size}; fix: lower distill.batch_size")
     return examples, eval_examples
+
+
+# ----------------------------------------------------------------------------------------------
+# What the models are given (host side, before anything is traced)
+# ----------------------------------------------------------------------------------------------
+
+
+def check_same_vocabulary(draft: qwen3.Qwen3Config, other: qwen3.Qwen3Config, other_name: str, needed_for: str) -> None:
+    """Draft and target (or reference) must share one vocabulary: same rows and same real tokens, because
+    `needed_for` compares their distributions id by id."""
+    if (draft.vocab_size, draft.real_vocab_size) != (other.vocab_size, other.real_vocab_size):
+        raise ValueError(
+            f"draft and {other_name} vocabularies differ: draft vocab_size={draft.vocab_size} (real "
+            f"{draft.real_vocab_size}), {other_name} vocab_size={other.vocab_size} (real {other.real_vocab_size}); "
+            f"{needed_for} compares their distributions id by id, so pick models with the same tokenizer")
+
+
+def concrete(x) -> np.ndarray | None:
+    """`x` as a host array when its values are known outside jit on this process, else None."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return None
+    return np.asarray(x)
+
+
+def check_token_ids(cfg: qwen3.Qwen3Config, tokens, what: str) -> None:
+    """Ids outside [0, vocab_size) would index past the embedding table, which JAX answers with NaN rows
+    (or, for a negative id, a wrapped-around row) instead of an error; caught here on the host."""
+    ids = concrete(tokens)
+    if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+        raise ValueError(f"{what} holds token ids in [{ids.min()}, {ids.max()}], outside the model's vocabulary "
+                         f"[0, {cfg.vocab_size}); tokenize with the model's own tokenizer")

@@ -31,8 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from distillspec_jax.models.qwen3 import MASK_VALUE
-from distillspec_jax.sampling import Sampler, filtered_logits
+from distillspec_jax.sampling import MASK_VALUE, Sampler, filtered_logits
 
 # (p_logits [..., V], q_logits [..., V], **hyperparameters) -> per-token values [...]
 DivergenceFn = Callable[..., jax.Array]

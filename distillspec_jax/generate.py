@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from distillspec_jax import sampling
+from distillspec_jax import checks, sampling
 from distillspec_jax.models import qwen3
 from distillspec_jax.sampling import Sampler
 
@@ -103,8 +103,8 @@ def check_prompts(cfg: qwen3.Qwen3Config, prompts_bt, prompt_lens_b, max_new_tok
         raise ValueError(f"prompt_lens must have shape [B] = ({batch},), got {np.shape(prompt_lens_b)}")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    qwen3.check_token_ids(cfg, prompts_bt, "prompts")
-    lens = qwen3.concrete(prompt_lens_b)
+    checks.check_token_ids(cfg, prompts_bt, "prompts")
+    lens = checks.concrete(prompt_lens_b)
     if lens is not None and (lens.min() < 1 or lens.max() > prompt_len):
         raise ValueError(
             f"prompt_lens must lie in [1, T={prompt_len}] (right-padded prompts), got min {lens.min()} max {lens.max()}"

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from distillspec_jax import checks
 from distillspec_jax import generate as gen
 from distillspec_jax import sampling
 from distillspec_jax.models import qwen3
@@ -273,7 +274,7 @@ def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state,
 
 def check_pair(target: qwen3.Qwen3, draft: qwen3.Qwen3) -> None:
     """Draft and target must share one vocabulary: rejection sampling compares p and q id by id."""
-    qwen3.check_same_vocabulary(draft.cfg, target.cfg, "target", "speculative decoding")
+    checks.check_same_vocabulary(draft.cfg, target.cfg, "target", "speculative decoding")
 
 
 def speculative_generate(

@@ -208,3 +208,21 @@ def test_orbax_folder_written_before_layers_were_stacked_still_loads(tiny_checkp
     restored = convert.load_orbax(old)
     tokens = jnp.asarray(np.random.RandomState(5).randint(0, TINY_BASE["vocab_size"], (2, 9)))
     np.testing.assert_array_equal(np.asarray(restored(tokens)), np.asarray(model(tokens)))
+
+
+def test_from_hf_config_reads_both_rope_layouts_and_rejects_other_models(tmp_path):
+    base = {**TINY_BASE, "model_type": "qwen3", "num_attention_heads": 4, "num_key_value_heads": 2}
+    old = {**base, "rope_theta": 5000.0}
+    new = {**{k: v for k, v in base.items() if k != "rope_theta"},
+           "rope_parameters": {"rope_theta": 7000.0, "rope_type": "default"}}
+    assert convert.from_hf_config(old).rope_theta == 5000.0
+    assert convert.from_hf_config(new).rope_theta == 7000.0
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    assert convert.from_hf_config(str(path)).hidden_size == TINY_BASE["hidden_size"]
+    with pytest.raises(ValueError, match="model_type is 'llama'"):
+        convert.from_hf_config({**old, "model_type": "llama"})
+    with pytest.raises(ValueError, match="RoPE scaling"):
+        convert.from_hf_config({**old, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        convert.from_hf_config(old, dtype="fp8")

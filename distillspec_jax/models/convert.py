@@ -3,7 +3,8 @@
     python -m distillspec_jax.models.convert --hf=PATH_OR_HUB_ID --out=ORBAX_DIR [--dtype=bfloat16]
     python -m distillspec_jax.models.convert --to_hf --orbax=ORBAX_DIR --out=HF_DIR [--dtype=bfloat16]
 
-The table `tensor_maps(cfg)` is the single place that knows HF names; every tensor's shape is
+The table `tensor_maps(cfg)` is the single place that knows HF names (and `from_hf_config` /
+`to_hf_config` the one place that reads and writes config.json); every tensor's shape is
 asserted on the way in. Weights are read from memory-mapped safetensors and each tensor goes
 straight to its NamedSharding, so a large model never sits whole on one device.
 """
@@ -19,6 +20,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -108,6 +110,83 @@ def tensor_maps(cfg: qwen3.Qwen3Config) -> list[TensorMap]:
         maps += [TensorMap(f"model.layers.{i}.{name}", ("layers", *path), shape, to_ours, to_hf, layer=i)
                  for name, path, shape, to_ours, to_hf in per_layer]
     return maps
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json <-> Qwen3Config
+# ----------------------------------------------------------------------------------------------
+
+
+def from_hf_config(hf: dict[str, Any] | str, **overrides: Any) -> qwen3.Qwen3Config:
+    """Builds a Qwen3Config from a HF config.json (a dict, or the path of the file).
+
+    Accepts both the transformers 4.x layout (`rope_theta`, `rope_scaling`) and the 5.x layout
+    (`rope_parameters`). Anything this dense implementation would silently compute differently is
+    refused: another model_type, attention biases, sliding windows, RoPE scaling.
+    """
+    if isinstance(hf, str):
+        with open(hf) as f:
+            hf = json.load(f)
+    model_type = hf.get("model_type")
+    if model_type != "qwen3":
+        raise ValueError(
+            f"model_type is {model_type!r}, but this loader implements Qwen3 dense models only "
+            "(model_type 'qwen3'); pass a Qwen3 checkpoint"
+        )
+    if hf.get("attention_bias", False):
+        raise ValueError("attention_bias=true is not part of Qwen3 dense; this checkpoint is not supported")
+    if hf.get("use_sliding_window", False):
+        raise ValueError("use_sliding_window=true is not supported: Qwen3 dense models use full attention")
+    rope = hf.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", "default")
+    scaling = hf.get("rope_scaling")
+    if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
+        raise ValueError(f"RoPE scaling {scaling or rope} is not supported; use a checkpoint with default RoPE")
+    rope_theta = rope.get("rope_theta", hf.get("rope_theta", 1_000_000.0))
+    vocab = hf["vocab_size"]
+    fields = dict(
+        vocab_size=vocab,
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        rope_theta=float(rope_theta),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=hf.get("max_position_embeddings", 40960),
+        num_real_tokens=qwen3.QWEN3_NUM_REAL_TOKENS if vocab == qwen3.QWEN3_VOCAB_SIZE else None,
+    )
+    fields.update(overrides)
+    return qwen3.Qwen3Config(**fields)
+
+
+def to_hf_config(cfg: qwen3.Qwen3Config) -> dict[str, Any]:
+    """The config.json that transformers' Qwen3ForCausalLM (and vLLM) read."""
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "initializer_range": qwen3.INIT_STDDEV,
+        "torch_dtype": cfg.param_dtype,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,7 +343,7 @@ def load_hf(
     param_dtype = param_dtype or dtype
     qwen3.resolve_dtype(dtype), qwen3.resolve_dtype(param_dtype)  # bad names fail before any I/O
     folder = resolve_checkpoint(path_or_hub_id)
-    cfg = qwen3.from_hf_config(str(folder / CONFIG_FILE), dtype=dtype, param_dtype=param_dtype)
+    cfg = from_hf_config(str(folder / CONFIG_FILE), dtype=dtype, param_dtype=param_dtype)
     located = _open_weights(folder)
     maps = tensor_maps(cfg)
     expected = {m.hf_name for m in maps}
@@ -350,7 +429,7 @@ def export_hf(model: qwen3.Qwen3, out_dir: str | os.PathLike, dtype: str | None 
         total = sum(a.nbytes for a in tensors.values())
         files.write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map},
                          sort_keys=True)
-    hf_config = cfg.to_hf_dict()
+    hf_config = to_hf_config(cfg)
     hf_config["torch_dtype"] = dtype
     files.write_json(out / CONFIG_FILE, hf_config, sort_keys=True)
     if tokenizer_from is not None:
