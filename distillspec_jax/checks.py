@@ -335,7 +335,7 @@ def sequence_budgets(c: ConfigDict) -> list[Budget]:
     response = (("data.max_response_len", d.max_response_len)
                 if tasks.TASKS[d.task].has_responses and d.max_response_len > g.max_new_tokens
                 else ("generator.max_new_tokens", g.max_new_tokens))
-    # Speculative decoding verifies γ drafts past the last emitted token (speculative.required_cache_len).
+    # Speculative decoding verifies γ drafts past the last emitted token (decoding.required_cache_len).
     evaluation = (prompt, ("eval.max_new_tokens", c.eval.max_new_tokens), ("eval.gammas", max(c.eval.gammas) - 1))
     return [Budget("training and data-generation sequences", (prompt, response)), Budget("evaluation", evaluation)]
 

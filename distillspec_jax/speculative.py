@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from distillspec_jax import checks
+from distillspec_jax import checks, decoding
 from distillspec_jax import generate as gen
 from distillspec_jax import sampling
 from distillspec_jax.models import qwen3
@@ -93,12 +93,6 @@ class _BlockCarry(NamedTuple):
     done_b: jax.Array  # bool: the row emitted EOS or reached its budget
     block: jax.Array  # [] int32, iterations so far (keys each block's randomness)
     stats: SpeculativeStats
-
-
-def required_cache_len(prompt_len: int, max_new_tokens: int, gamma: int) -> int:
-    """KV slots a run needs. An active row has emitted e <= N - 1 tokens, so committed <= T + N - 2, and the
-    target writes γ + 1 slots from there (finished rows stop advancing, so they never go further)."""
-    return prompt_len + max_new_tokens + gamma - 1
 
 
 def _propose(rng: jax.Array, logits_bv: jax.Array, sampler: Sampler, real_v: int) -> tuple[jax.Array, jax.Array | None]:
@@ -189,8 +183,8 @@ def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state,
     batch = prompts_bt.shape[0]
     t_1t = jnp.arange(gamma + 1)[None, :]
 
-    target_cache, last_b = gen.prefill(target, prompts_bt, prompt_lens_b, cache_len)
-    draft_cache, _ = gen.prefill(draft, prompts_bt, prompt_lens_b, cache_len)
+    target_cache, last_b = decoding.prefill(target, prompts_bt, prompt_lens_b, cache_len)
+    draft_cache, _ = decoding.prefill(draft, prompts_bt, prompt_lens_b, cache_len)
     prev_b = jnp.take_along_axis(prompts_bt, jnp.maximum(prompt_lens_b - 2, 0)[:, None], axis=1)[:, 0]
 
     def body(c: _BlockCarry) -> _BlockCarry:
@@ -207,7 +201,7 @@ def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state,
         # Tokens this block would emit: x_1..x_n then y; cut after the first EOS and at the budget.
         x_padded_bt = jnp.concatenate([x_bt, jnp.zeros_like(x_bt[:, :1])], axis=1)
         candidates_bt = jnp.where(t_1t < n_b[:, None], x_padded_bt, y_b[:, None])
-        eos_bt = gen.is_eos(candidates_bt, eos_ids) & (t_1t <= n_b[:, None])
+        eos_bt = decoding.is_eos(candidates_bt, eos_ids) & (t_1t <= n_b[:, None])
         up_to_eos_b = jnp.where(jnp.any(eos_bt, axis=1), jnp.argmax(eos_bt, axis=1) + 1, n_b + 1)
         count_b = jnp.minimum(up_to_eos_b, max_new_tokens - emitted_b)
         count_b = jnp.where(active_b, count_b, 0)
@@ -288,7 +282,7 @@ def speculative_generate(
     rng: jax.Array | None = None,
     *,
     eos_ids: int | Iterable[int] | None = (),
-    pad_id: int = gen.DEFAULT_PAD_ID,
+    pad_id: int = decoding.DEFAULT_PAD_ID,
     cache_len: int | None = None,
     return_sequences: bool = False,
     lossy_variant: str | None = None,
@@ -297,22 +291,22 @@ def speculative_generate(
 
     prompts_bt: [B, T] right-padded ids; prompt_lens_b: [B], each in [1, T]. gamma: draft tokens per block.
     The output has the target's distribution (exactly its greedy output at temperature 0).
-    cache_len: KV slots of both caches (default: `required_cache_len`). lossy_variant: tests only.
+    cache_len: KV slots of both caches (default: `decoding.required_cache_len`). lossy_variant: tests only.
     Everything is validated on the host before tracing.
     """
     if not isinstance(gamma, (int, np.integer)) or isinstance(gamma, bool) or gamma < 1:
         raise ValueError(f"gamma (draft tokens per block) must be an integer >= 1, got {gamma!r}")
     if lossy_variant is not None and lossy_variant not in LOSSY_VARIANTS:
         raise ValueError(f"lossy_variant must be None or one of {LOSSY_VARIANTS}, got {lossy_variant!r}")
-    gen.check_sampler(sampler)
+    decoding.check_sampler(sampler)
     check_pair(target, draft)
-    _, prompt_len = gen.check_prompts(target.cfg, prompts_bt, prompt_lens_b, max_new_tokens)
-    eos = gen.normalize_eos_ids(eos_ids, target.cfg.vocab_size)
-    required = required_cache_len(prompt_len, max_new_tokens, gamma)
+    _, prompt_len = decoding.check_prompts(target.cfg, prompts_bt, prompt_lens_b, max_new_tokens)
+    eos = decoding.normalize_eos_ids(eos_ids, target.cfg.vocab_size)
+    required = decoding.required_cache_len(prompt_len, max_new_tokens, gamma)
     what = f"speculative decoding with gamma={gamma}, prompts of length {prompt_len} and {max_new_tokens} new tokens"
-    cache_len = gen.check_cache_len(target.cfg, prompt_len, required, cache_len, what)
-    gen.check_cache_len(draft.cfg, prompt_len, required, cache_len, what)
-    rng = gen.default_rng(rng, sampler)
+    cache_len = decoding.check_cache_len(target.cfg, prompt_len, required, cache_len, what)
+    decoding.check_cache_len(draft.cfg, prompt_len, required, cache_len, what)
+    rng = decoding.default_rng(rng, sampler)
     target_graphdef, target_state = nnx.split(target)
     draft_graphdef, draft_state = nnx.split(draft)
     return _speculative_jit(

@@ -20,6 +20,7 @@ import pytest
 import scipy.stats
 from flax import nnx
 
+from distillspec_jax import decoding
 from distillspec_jax import generate as gen
 from distillspec_jax import sampling
 from distillspec_jax import speculative as spec
@@ -326,7 +327,7 @@ def test_spec_eos_inside_block_stops_only_its_row(target, drafts):
         np.testing.assert_array_equal(tokens, _np(ref.tokens))
         np.testing.assert_array_equal(lengths, _np(ref.lengths))
         assert lengths[0] == position + 1 and tokens[0, position] == eos
-        assert (tokens[0, position + 1:] == gen.DEFAULT_PAD_ID).all()
+        assert (tokens[0, position + 1:] == decoding.DEFAULT_PAD_ID).all()
         for b in range(len(PROMPTS)):
             hits = np.flatnonzero(free[b] == eos)
             assert lengths[b] == (hits[0] + 1 if hits.size else BUDGET)  # budget exact where no EOS
