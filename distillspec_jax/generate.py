@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from distillspec_jax import decoding, sampling
+from distillspec_jax.data import pipeline
 from distillspec_jax.models import qwen3
 from distillspec_jax.sampling import Sampler
 
@@ -54,26 +55,6 @@ class _DecodeCarry(NamedTuple):
     lengths_b: jax.Array  # [B] int32
     done_b: jax.Array  # [B] bool
     step: jax.Array  # [] int32, loop iterations so far
-
-
-def pack_sequences(prompts_bt: jax.Array, prompt_lens_b: jax.Array, tokens_bn: jax.Array, lengths_b: jax.Array,
-                   pad_id: int = decoding.DEFAULT_PAD_ID) -> tuple[jax.Array, jax.Array]:
-    """(sequences_bs, response_mask_bs), S = T + N: each row's prompt, then its response, then pad_id.
-
-    The result is left-aligned (position 0 is the first prompt token), as the causal full forward
-    `model(tokens_bt)` and the distillation loss expect.
-    """
-    prompts_bt, tokens_bn = jnp.asarray(prompts_bt), jnp.asarray(tokens_bn)
-    prompt_lens_b, lengths_b = jnp.asarray(prompt_lens_b), jnp.asarray(lengths_b)
-    t, n = prompts_bt.shape[1], tokens_bn.shape[1]
-    s_1s = jnp.arange(t + n)[None, :]
-    in_prompt_bs = s_1s < prompt_lens_b[:, None]
-    response_index_bs = s_1s - prompt_lens_b[:, None]
-    response_mask_bs = (response_index_bs >= 0) & (response_index_bs < lengths_b[:, None])
-    from_prompt_bs = jnp.take_along_axis(prompts_bt, jnp.clip(s_1s, 0, t - 1).repeat(prompts_bt.shape[0], 0), axis=1)
-    from_response_bs = jnp.take_along_axis(tokens_bn, jnp.clip(response_index_bs, 0, n - 1), axis=1)
-    sequences_bs = jnp.where(in_prompt_bs, from_prompt_bs, jnp.where(response_mask_bs, from_response_bs, pad_id))
-    return sequences_bs.astype(jnp.int32), response_mask_bs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,7 +102,8 @@ def _generate_jit(graphdef, state, prompts_bt, prompt_lens_b, rng, *, max_new_to
     out = jax.lax.while_loop(cond, body, init)
     if not return_sequences:
         return GenerationOutput(out.tokens_bn, out.lengths_b)
-    sequences_bs, response_mask_bs = pack_sequences(prompts_bt, prompt_lens_b, out.tokens_bn, out.lengths_b, pad_id)
+    sequences_bs, response_mask_bs = pipeline.pack_sequences(prompts_bt, prompt_lens_b, out.tokens_bn, out.lengths_b,
+                                                             pad_id)
     return GenerationOutput(out.tokens_bn, out.lengths_b, sequences_bs, response_mask_bs)
 
 

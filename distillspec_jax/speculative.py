@@ -44,6 +44,7 @@ from flax import nnx
 from distillspec_jax import checks, decoding
 from distillspec_jax import generate as gen
 from distillspec_jax import sampling
+from distillspec_jax.data import pipeline
 from distillspec_jax.models import qwen3
 from distillspec_jax.sampling import Sampler
 
@@ -262,7 +263,7 @@ def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state,
     lengths_b = out.stats.emitted
     if not return_sequences:
         return SpeculativeOutput(tokens_bn, lengths_b, out.stats)
-    sequences_bs, response_mask_bs = gen.pack_sequences(prompts_bt, prompt_lens_b, tokens_bn, lengths_b, pad_id)
+    sequences_bs, response_mask_bs = pipeline.pack_sequences(prompts_bt, prompt_lens_b, tokens_bn, lengths_b, pad_id)
     return SpeculativeOutput(tokens_bn, lengths_b, out.stats, sequences_bs, response_mask_bs)
 
 
