@@ -10,7 +10,7 @@ registered under its config name with `@register(name)`. Adding one = a function
 
 Alignment. Position t's logits predict token t+1. `loss_mask[b, t] = 1` means the distribution at
 position t, the one that generates token t+1, is trained; `next_token_loss_mask` builds it from a
-mask of response tokens. The last position has no next token and is never counted.
+mask of response tokens with `next_token_shift`, the one shift (labels, evaluation positions). The last position has no next token and is never counted.
 
 Reduction. loss = Σ_counted values / count. Both sums run over the whole global batch: under jit a
 `jnp.sum` of a sharded array is a global sum, so the mean does not depend on how the batch is split.
@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from distillspec_jax.sampling import MASK_VALUE, Sampler, filtered_logits
 
@@ -180,19 +181,21 @@ class LossSpec:
 # ----------------------------------------------------------------------------------------------
 
 
-def next_token_labels(tokens_bt: jax.Array) -> jax.Array:
-    """labels[b, t] = tokens[b, t + 1], the token that position t's logits predict; 0 at the last position."""
-    return jnp.concatenate([tokens_bt[:, 1:], jnp.zeros_like(tokens_bt[:, :1])], axis=1)
+def next_token_shift(x_bt):
+    """x'[b, t] = x[b, t + 1], what position t's logits predict (labels from tokens, or the positions that
+    generate a response token from a response mask); 0 (False) at the last position, which predicts
+    nothing inside the sequence. NumPy in, NumPy out (host-side data); jax in, jax out."""
+    xp = np if isinstance(x_bt, np.ndarray) else jnp
+    return xp.concatenate([x_bt[:, 1:], xp.zeros_like(x_bt[:, :1])], axis=1)
 
 
-def next_token_loss_mask(response_mask_bt: jax.Array) -> jax.Array:
-    """loss_mask[b, t] = response_mask[b, t + 1]: train the distributions that generate response tokens.
+def next_token_loss_mask(response_mask_bt):
+    """float32 loss_mask[b, t] = response_mask[b, t + 1]: train the distributions that generate response tokens.
 
     response_mask marks positions holding response tokens (not prompt, not padding). The last
     position predicts nothing inside the sequence and gets 0.
     """
-    shifted = jnp.concatenate([response_mask_bt[:, 1:], jnp.zeros_like(response_mask_bt[:, :1])], axis=1)
-    return shifted.astype(jnp.float32)
+    return next_token_shift(response_mask_bt).astype(np.float32)
 
 
 def counted_mask(loss_mask_bt: jax.Array) -> jax.Array:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from distillspec_jax import divergences as dv
 from distillspec_jax import generate as gen
 from distillspec_jax import sampling
 from distillspec_jax import speculative as spec
@@ -173,8 +174,7 @@ def acceptance_from_sequences(target: qwen3.Qwen3, draft: qwen3.Qwen3, sequences
     """
     spec.check_pair(target, draft)
     response_mask_bs = jnp.asarray(response_mask_bs, bool)
-    # Position s predicts token s + 1.
-    predicts_bs = jnp.concatenate([response_mask_bs[:, 1:], jnp.zeros_like(response_mask_bs[:, :1])], axis=1)
+    predicts_bs = dv.next_token_shift(response_mask_bs)  # position s predicts token s + 1
     count = int(jnp.sum(predicts_bs))
     if count == 0:
         raise ValueError("no response positions to score: response_mask is all False")

@@ -284,7 +284,7 @@ class Distiller:
             reference_head, reference_h_btd = reference.logits, jax.lax.stop_gradient(reference.hidden_states(tokens_bt))
         draft_h_btd = draft.hidden_states(tokens_bt, remat=self.cfg.remat)
         return dv.token_values(self.spec, self.real_vocab_size, draft.logits, draft_h_btd,
-                               target_head, target_h_btd, dv.next_token_labels(tokens_bt),
+                               target_head, target_h_btd, dv.next_token_shift(tokens_bt),
                                reference_head, reference_h_btd)
 
     def _loss_sum(self, params, target_params, reference_params, tokens_bt, loss_mask_bt, weights_bt):
