@@ -214,6 +214,33 @@ def counted_mask(loss_mask_bt: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
+def scan_positions(fn: Callable, init, xs_bt, chunk: int, *, remat: bool = False):
+    """(carry, ys_bt): `fn(carry, xs_bc) -> (carry, ys_bc)` run over chunks of C = `chunk` positions.
+
+    xs_bt is a pytree of [B, T, ...] arrays, ys_bc a pytree of [B, C, ...] arrays (or None). With chunk = 0
+    or chunk >= T, fn sees the whole sequence at once; otherwise a `lax.scan` walks ceil(T / C) chunks, the
+    last one zero-padded (fn must give padded positions no weight in its carry; they are cut from ys).
+    Only [B, C, V] distributions then exist at a time, which is what keeps V = 151936 in memory (design §3).
+    remat: the body is rematerialised, so a backward pass recomputes each chunk's logits from its [B, C, D]
+    hidden states instead of keeping them (the training losses; evaluation never rematerialises).
+    """
+    b, t = jax.tree.leaves(xs_bt)[0].shape[:2]
+    if chunk == 0 or chunk >= t:
+        return fn(init, xs_bt)
+    n = -(-t // chunk)  # chunks
+
+    def to_chunks(x_bt: jax.Array) -> jax.Array:  # [B, T, ...] -> [N, B, C, ...]
+        x_bt = jnp.pad(x_bt, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (x_bt.ndim - 2))
+        return jnp.swapaxes(x_bt.reshape(b, n, chunk, *x_bt.shape[2:]), 0, 1)
+
+    def from_chunks(y_nbc: jax.Array) -> jax.Array:  # [N, B, C, ...] -> [B, T, ...]
+        return jnp.swapaxes(y_nbc, 0, 1).reshape(b, n * chunk, *y_nbc.shape[3:])[:, :t]
+
+    body = jax.checkpoint(fn, prevent_cse=False) if remat else fn  # inside scan, CSE cannot undo the remat
+    carry, ys_nbc = jax.lax.scan(body, init, jax.tree.map(to_chunks, xs_bt))
+    return carry, jax.tree.map(from_chunks, ys_nbc)
+
+
 class TokenValues(NamedTuple):
     """Per-position values [B, T]; only `divergence` carries a gradient (towards the draft)."""
 
@@ -269,32 +296,18 @@ def token_values(
         raise ValueError(f"divergence {spec.divergence!r} needs the target's head and hidden states")
     if spec.adaspec and (reference_head is None or reference_h_btd is None):
         raise ValueError("AdaSPEC (adaspec_fraction set) needs the reference draft's head and hidden states")
-    b, t = labels_bt.shape
     inputs = {"draft_h_bcd": draft_h_btd, "labels_bc": labels_bt}
     if spec.uses_target:
         inputs["target_h_bcd"] = jax.lax.stop_gradient(target_h_btd)
     if spec.adaspec:
         inputs["reference_h_bcd"] = jax.lax.stop_gradient(reference_h_btd)
 
-    def values(chunk_inputs: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
-        return _chunk_values(spec, real_vocab_size, draft_head, target_head, reference_head,
-                             chunk_inputs["draft_h_bcd"], chunk_inputs.get("target_h_bcd"),
-                             chunk_inputs.get("reference_h_bcd"), chunk_inputs["labels_bc"])
+    def values(carry: None, chunk_inputs: dict[str, jax.Array]) -> tuple[None, tuple[jax.Array, ...]]:
+        return carry, _chunk_values(spec, real_vocab_size, draft_head, target_head, reference_head,
+                                    chunk_inputs["draft_h_bcd"], chunk_inputs.get("target_h_bcd"),
+                                    chunk_inputs.get("reference_h_bcd"), chunk_inputs["labels_bc"])
 
-    c = spec.chunk
-    if c == 0 or c >= t:
-        out = values(inputs)
-    else:
-        n = -(-t // c)  # chunks, the last one zero-padded; padded positions are cut off below
-
-        def to_chunks(x_bt: jax.Array) -> jax.Array:  # [B, T, ...] -> [N, B, C, ...]
-            pad = [(0, 0), (0, n * c - t)] + [(0, 0)] * (x_bt.ndim - 2)
-            x_bt = jnp.pad(x_bt, pad)
-            return jnp.swapaxes(x_bt.reshape(b, n, c, *x_bt.shape[2:]), 0, 1)
-
-        chunk_fn = jax.checkpoint(values, prevent_cse=False)  # inside scan, CSE cannot undo the remat
-        _, out_nbc = jax.lax.scan(lambda carry, xs: (carry, chunk_fn(xs)), None, jax.tree.map(to_chunks, inputs))
-        out = tuple(jnp.swapaxes(o_nbc, 0, 1).reshape(b, n * c)[:, :t] for o_nbc in out_nbc)
+    _, out = scan_positions(values, None, inputs, spec.chunk, remat=True)
     return TokenValues(divergence=out[0], tvd=out[1], adaspec_delta=out[2] if spec.adaspec else None)
 
 
