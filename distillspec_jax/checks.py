@@ -20,7 +20,7 @@ import functools
 import json
 import os
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -455,14 +455,26 @@ def load_examples(c: ConfigDict) -> tuple[list[dict], list[dict]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def check_same_vocabulary(draft: qwen3.Qwen3Config, other: qwen3.Qwen3Config, other_name: str, needed_for: str) -> None:
+ModelConfig = qwen3.Qwen3Config | Mapping[str, Any]  # a config, or its fields as stored with a converted model
+
+
+def check_same_vocabulary(draft: ModelConfig, other: ModelConfig, other_name: str, needed_for: str) -> None:
     """Draft and target (or reference) must share one vocabulary: same rows and same real tokens, because
-    `needed_for` compares their distributions id by id."""
-    if (draft.vocab_size, draft.real_vocab_size) != (other.vocab_size, other.real_vocab_size):
+    `needed_for` compares their distributions id by id. Each is a Qwen3Config, or its fields as a dict (the
+    converted models' stored config, read before any weights load)."""
+    (draft_v, draft_real), (other_v, other_real) = _vocabulary(draft), _vocabulary(other)
+    if (draft_v, draft_real) != (other_v, other_real):
         raise ValueError(
-            f"draft and {other_name} vocabularies differ: draft vocab_size={draft.vocab_size} (real "
-            f"{draft.real_vocab_size}), {other_name} vocab_size={other.vocab_size} (real {other.real_vocab_size}); "
-            f"{needed_for} compares their distributions id by id, so pick models with the same tokenizer")
+            f"draft and {other_name} vocabularies differ: draft vocab_size={draft_v} (real {draft_real}), "
+            f"{other_name} vocab_size={other_v} (real {other_real}); {needed_for} compares their distributions "
+            "id by id, so pick models with the same tokenizer")
+
+
+def _vocabulary(cfg: ModelConfig) -> tuple[int, int]:
+    """(vocab_size, real_vocab_size): rows, and ids that are real tokens (num_real_tokens None = all rows)."""
+    if isinstance(cfg, qwen3.Qwen3Config):
+        return cfg.vocab_size, cfg.real_vocab_size
+    return cfg["vocab_size"], cfg.get("num_real_tokens") or cfg["vocab_size"]
 
 
 def concrete(x) -> np.ndarray | None:
