@@ -509,8 +509,9 @@ def programs(run: Run) -> list[Program]:
                 lower = functools.partial(
                     spec._speculative_jit.lower, tg, dg, ts, ds, p, lens, rng, gamma=gamma,
                     max_new_tokens=s.eval_tokens, sampler=sampler, eos_ids=_eos_ids(target.cfg),
-                    pad_id=decoding.DEFAULT_PAD_ID, cache_len=decoding.required_cache_len(s.prompt_len, s.eval_tokens, gamma),
-                    return_sequences=False, lossy_variant=None)
+                    pad_id=decoding.DEFAULT_PAD_ID,
+                    cache_len=decoding.required_cache_len(s.prompt_len, s.eval_tokens, gamma), return_sequences=False,
+                    acceptance="lossless")
                 out.append(Program(f"{stage}/{t}/speculative_g{gamma}", lower, others("eval", "target", "draft")))
 
     stages = set(x.strip() for x in c.stages.split(","))

@@ -32,8 +32,9 @@ Statistics (per row, so callers can aggregate over rows and batches; design §5 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -48,10 +49,44 @@ from distillspec_jax.data import pipeline
 from distillspec_jax.models import qwen3
 from distillspec_jax.sampling import Sampler
 
-# Deliberately wrong acceptance rules, for tests only: they show the lossless-sampling test has power.
-#   accept_always: accept every draft token without the ratio test (the output follows q, not p).
-#   resample_from_p: at a rejection draw from p_i instead of norm(max(p_i - q_i, 0)).
-LOSSY_VARIANTS = ("accept_always", "resample_from_p")
+
+@dataclasses.dataclass(frozen=True)
+class AcceptanceRule:
+    """How verification accepts draft tokens and what it emits at the first rejection, per row and position.
+
+    accept(p_x_bt, q_x_bt, u_bt) -> bool [B, γ]: whether x_i passes, from p_i(x_i), q_i(x_i) and a uniform u_i.
+    residual(p_bv, q_bv) -> [B, V] unnormalised weights of the token emitted after a rejection (with q = 0,
+      after a full accept, the bonus token).
+    """
+
+    accept: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+    residual: Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def lossless_accept(p_x_bt: jax.Array, q_x_bt: jax.Array, u_bt: jax.Array) -> jax.Array:
+    """u < min(1, p/q), written without the division: q(x) > 0 because x was drawn from q, and p >= q accepts
+    surely."""
+    return u_bt * q_x_bt < p_x_bt
+
+
+def lossless_residual(p_bv: jax.Array, q_bv: jax.Array) -> jax.Array:
+    """max(p − q, 0), normalised by the draw: the correction that makes the output follow p exactly."""
+    return jnp.maximum(p_bv - q_bv, 0.0)
+
+
+# Name -> rule. "lossless" (Leviathan et al.; Chen et al.) is the one production rule and the default;
+# a lenient (lossy) rule of DistillSpec §5 would be another entry. Tests register deliberately wrong rules
+# to show that the lossless-sampling test has power; they are not part of this module.
+ACCEPTANCE_RULES: dict[str, AcceptanceRule] = {"lossless": AcceptanceRule(lossless_accept, lossless_residual)}
+
+
+def register_acceptance_rule(name: str, rule: AcceptanceRule) -> AcceptanceRule:
+    """Adds `rule` under `name` (refused if the name is taken), so that `speculative_generate(..., acceptance=name)`
+    runs it."""
+    if name in ACCEPTANCE_RULES:
+        raise ValueError(f"acceptance rule {name!r} is already registered")
+    ACCEPTANCE_RULES[name] = rule
+    return rule
 
 # Split of each block's PRNG key: draft proposals, acceptance uniforms, the correction/bonus draw.
 _KEY_DRAFT, _KEY_ACCEPT, _KEY_CORRECTION = range(3)
@@ -129,38 +164,33 @@ def _draft_block(draft: qwen3.Qwen3, cache: qwen3.KVCache, committed_b, prev_b, 
 
 
 def _verify(logits_btv: jax.Array, x_bt: jax.Array, q_btv: jax.Array | None, rng: jax.Array, sampler: Sampler,
-            real_v: int, lossy_variant: str | None) -> tuple[jax.Array, jax.Array]:
+            real_v: int, rule: AcceptanceRule) -> tuple[jax.Array, jax.Array]:
     """Modified rejection sampling. logits_btv: target logits [B, γ+1, V]. Returns (n_b accepted, y_b emitted)."""
     gamma = x_bt.shape[1]
     key_accept, key_correction = jax.random.fold_in(rng, _KEY_ACCEPT), jax.random.fold_in(rng, _KEY_CORRECTION)
     if sampler.greedy:
-        # Temperature 0: p is one-hot at the target's argmax, so min(1, p/q) is 1 iff x_i = argmax p_i, and
-        # norm(max(p - q, 0)) at a mismatch is that same one-hot: emit the target's argmax.
+        # Temperature 0: p and q are one-hot at their argmax, so p(x) = 1[x = argmax p], q(x) = 1, and no uniform
+        # is drawn (u = 0: the lossless test accepts iff x_i = argmax p_i). norm(max(p - q, 0)) at a mismatch is
+        # that same one-hot: emit the target's argmax.
         target_argmax_bt = jnp.argmax(sampling.filtered_logits(logits_btv, sampler, real_v), axis=-1).astype(jnp.int32)
-        accept_bt = x_bt == target_argmax_bt[:, :gamma]
-        if lossy_variant == "accept_always":
-            accept_bt = jnp.ones_like(accept_bt)
-        n_b = jnp.sum(jnp.cumprod(accept_bt.astype(jnp.int32), axis=1), axis=1)
+        p_x_bt = (x_bt == target_argmax_bt[:, :gamma]).astype(jnp.float32)
+        q_x_bt, u_bt = jnp.ones_like(p_x_bt), jnp.zeros_like(p_x_bt)
+    else:
+        p_btv = sampling.probs(logits_btv, sampler, real_v)
+        p_x_bt = jnp.take_along_axis(p_btv[:, :gamma], x_bt[..., None], axis=-1)[..., 0]
+        q_x_bt = jnp.take_along_axis(q_btv, x_bt[..., None], axis=-1)[..., 0]
+        u_bt = jax.random.uniform(key_accept, x_bt.shape)
+    accept_bt = rule.accept(p_x_bt, q_x_bt, u_bt)
+    n_b = jnp.sum(jnp.cumprod(accept_bt.astype(jnp.int32), axis=1), axis=1)  # the leading accepts
+    if sampler.greedy:
         return n_b, jnp.take_along_axis(target_argmax_bt, n_b[:, None], axis=1)[:, 0]
-
-    p_btv = sampling.probs(logits_btv, sampler, real_v)
-    p_x_bt = jnp.take_along_axis(p_btv[:, :gamma], x_bt[..., None], axis=-1)[..., 0]
-    q_x_bt = jnp.take_along_axis(q_btv, x_bt[..., None], axis=-1)[..., 0]
-    u_bt = jax.random.uniform(key_accept, x_bt.shape)
-    # u < p/q written without the division: q(x) > 0 because x was drawn from q, and p >= q accepts surely.
-    accept_bt = u_bt * q_x_bt < p_x_bt
-    if lossy_variant == "accept_always":
-        accept_bt = jnp.ones_like(accept_bt)
-    n_b = jnp.sum(jnp.cumprod(accept_bt.astype(jnp.int32), axis=1), axis=1)
 
     # The residual at index n: norm(max(p_n - q_n, 0)) after a rejection; with q padded by a zero
     # distribution at index γ, the same formula yields p_{γ+1} for the bonus token after a full accept.
     q_padded_btv = jnp.concatenate([q_btv, jnp.zeros_like(q_btv[:, :1])], axis=1)
     p_n_bv = jnp.take_along_axis(p_btv, n_b[:, None, None], axis=1)[:, 0]
     q_n_bv = jnp.take_along_axis(q_padded_btv, n_b[:, None, None], axis=1)[:, 0]
-    residual_bv = jnp.maximum(p_n_bv - q_n_bv, 0.0)
-    if lossy_variant == "resample_from_p":
-        residual_bv = p_n_bv
+    residual_bv = rule.residual(p_n_bv, q_n_bv)
     # A rejection implies p(x) < q(x), hence some mass where p > q; only rounding can leave none, and then
     # p itself is the (indistinguishable) answer.
     residual_bv = jnp.where(jnp.sum(residual_bv, axis=-1, keepdims=True) > 0, residual_bv, p_n_bv)
@@ -173,11 +203,11 @@ def _verify(logits_btv: jax.Array, x_bt: jax.Array, q_btv: jax.Array | None, rng
     jax.jit,
     static_argnums=(0, 1),
     static_argnames=("gamma", "max_new_tokens", "sampler", "eos_ids", "pad_id", "cache_len", "return_sequences",
-                     "lossy_variant"),
+                     "acceptance"),
 )
 def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state, prompts_bt, prompt_lens_b, rng, *,
                      gamma: int, max_new_tokens: int, sampler: Sampler, eos_ids: tuple[int, ...], pad_id: int,
-                     cache_len: int, return_sequences: bool, lossy_variant: str | None) -> SpeculativeOutput:
+                     cache_len: int, return_sequences: bool, acceptance: str) -> SpeculativeOutput:
     target = nnx.merge(target_graphdef, target_state)
     draft = nnx.merge(draft_graphdef, draft_state)
     real_v = target.cfg.real_vocab_size
@@ -197,7 +227,7 @@ def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state,
                                                 jax.random.fold_in(key, _KEY_DRAFT), gamma, sampler)
         # The target's single call: [last, x_1..x_γ] at slots committed..committed+γ (its cache length).
         logits_btv, target_cache = target.step(jnp.concatenate([c.last_b[:, None], x_bt], axis=1), c.target_cache)
-        n_b, y_b = _verify(logits_btv, x_bt, q_btv, key, sampler, real_v, lossy_variant)
+        n_b, y_b = _verify(logits_btv, x_bt, q_btv, key, sampler, real_v, ACCEPTANCE_RULES[acceptance])
 
         # Tokens this block would emit: x_1..x_n then y; cut after the first EOS and at the budget.
         x_padded_bt = jnp.concatenate([x_bt, jnp.zeros_like(x_bt[:, :1])], axis=1)
@@ -286,19 +316,20 @@ def speculative_generate(
     pad_id: int = decoding.DEFAULT_PAD_ID,
     cache_len: int | None = None,
     return_sequences: bool = False,
-    lossy_variant: str | None = None,
+    acceptance: str = "lossless",
 ) -> SpeculativeOutput:
     """Samples up to `max_new_tokens` tokens per prompt from the target, proposing γ at a time with the draft.
 
     prompts_bt: [B, T] right-padded ids; prompt_lens_b: [B], each in [1, T]. gamma: draft tokens per block.
     The output has the target's distribution (exactly its greedy output at temperature 0).
-    cache_len: KV slots of both caches (default: `decoding.required_cache_len`). lossy_variant: tests only.
+    cache_len: KV slots of both caches (default: `decoding.required_cache_len`).
+    acceptance: a name in ACCEPTANCE_RULES; "lossless" (the default) is the rule above.
     Everything is validated on the host before tracing.
     """
     if not isinstance(gamma, (int, np.integer)) or isinstance(gamma, bool) or gamma < 1:
         raise ValueError(f"gamma (draft tokens per block) must be an integer >= 1, got {gamma!r}")
-    if lossy_variant is not None and lossy_variant not in LOSSY_VARIANTS:
-        raise ValueError(f"lossy_variant must be None or one of {LOSSY_VARIANTS}, got {lossy_variant!r}")
+    if acceptance not in ACCEPTANCE_RULES:
+        raise ValueError(f"acceptance must be one of {sorted(ACCEPTANCE_RULES)}, got {acceptance!r}")
     decoding.check_sampler(sampler)
     check_pair(target, draft)
     _, prompt_len = decoding.check_prompts(target.cfg, prompts_bt, prompt_lens_b, max_new_tokens)
@@ -314,7 +345,7 @@ def speculative_generate(
         target_graphdef, draft_graphdef, target_state, draft_state,
         jnp.asarray(prompts_bt, jnp.int32), jnp.asarray(prompt_lens_b, jnp.int32), rng,
         gamma=int(gamma), max_new_tokens=int(max_new_tokens), sampler=sampler, eos_ids=eos, pad_id=int(pad_id),
-        cache_len=cache_len, return_sequences=bool(return_sequences), lossy_variant=lossy_variant,
+        cache_len=cache_len, return_sequences=bool(return_sequences), acceptance=acceptance,
     )
 
 
