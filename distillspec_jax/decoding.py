@@ -104,8 +104,8 @@ def check_cache_len(cfg: qwen3.Qwen3Config, prompt_len: int, required: int, cach
 
 def required_cache_len(prompt_len: int, max_new_tokens: int, gamma: int = 0) -> int:
     """KV slots a run writes. gamma = 0 is autoregressive decoding: the prompt, then one per step; the final
-    token is never fed. Speculative decoding (gamma >= 1): an active row has emitted e <= N - 1 tokens, so
-    committed <= T + N - 2, and the target writes γ + 1 slots from there (finished rows stop advancing, so
+    token is never fed. Speculative decoding (gamma >= 1): an active row has emitted e <= R - 1 tokens (R the
+    budget), so committed <= T + R - 2, and the target writes γ + 1 slots from there (finished rows stop advancing, so
     they never go further)."""
     return prompt_len + max_new_tokens + gamma - 1
 

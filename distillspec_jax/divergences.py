@@ -10,7 +10,8 @@ registered under its config name with `@register(name)`. Adding one = a function
 
 Alignment. Position t's logits predict token t+1. `loss_mask[b, t] = 1` means the distribution at
 position t, the one that generates token t+1, is trained; `next_token_loss_mask` builds it from a
-mask of response tokens with `next_token_shift`, the one shift (labels, evaluation positions). The last position has no next token and is never counted.
+mask of response tokens with `next_token_shift`, the one shift (labels, evaluation positions). The
+last position has no next token and is never counted.
 
 Reduction. loss = Σ_counted values / count. Both sums run over the whole global batch: under jit a
 `jnp.sum` of a sharded array is a global sum, so the mean does not depend on how the batch is split.
@@ -218,7 +219,7 @@ def scan_positions(fn: Callable, init, xs_bt, chunk: int, *, remat: bool = False
     """(carry, ys_bt): `fn(carry, xs_bc) -> (carry, ys_bc)` run over chunks of C = `chunk` positions.
 
     xs_bt is a pytree of [B, T, ...] arrays, ys_bc a pytree of [B, C, ...] arrays (or None). With chunk = 0
-    or chunk >= T, fn sees the whole sequence at once; otherwise a `lax.scan` walks ceil(T / C) chunks, the
+    or chunk >= T, fn sees the whole sequence at once; otherwise a `lax.scan` walks M = ceil(T / C) chunks, the
     last one zero-padded (fn must give padded positions no weight in its carry; they are cut from ys).
     Only [B, C, V] distributions then exist at a time, which is what keeps V = 151936 in memory (design §3).
     remat: the body is rematerialised, so a backward pass recomputes each chunk's logits from its [B, C, D]
@@ -227,18 +228,18 @@ def scan_positions(fn: Callable, init, xs_bt, chunk: int, *, remat: bool = False
     b, t = jax.tree.leaves(xs_bt)[0].shape[:2]
     if chunk == 0 or chunk >= t:
         return fn(init, xs_bt)
-    n = -(-t // chunk)  # chunks
+    m = -(-t // chunk)  # M chunks
 
-    def to_chunks(x_bt: jax.Array) -> jax.Array:  # [B, T, ...] -> [N, B, C, ...]
-        x_bt = jnp.pad(x_bt, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (x_bt.ndim - 2))
-        return jnp.swapaxes(x_bt.reshape(b, n, chunk, *x_bt.shape[2:]), 0, 1)
+    def to_chunks(x_bt: jax.Array) -> jax.Array:  # [B, T, ...] -> [M, B, C, ...]
+        x_bt = jnp.pad(x_bt, [(0, 0), (0, m * chunk - t)] + [(0, 0)] * (x_bt.ndim - 2))
+        return jnp.swapaxes(x_bt.reshape(b, m, chunk, *x_bt.shape[2:]), 0, 1)
 
-    def from_chunks(y_nbc: jax.Array) -> jax.Array:  # [N, B, C, ...] -> [B, T, ...]
-        return jnp.swapaxes(y_nbc, 0, 1).reshape(b, n * chunk, *y_nbc.shape[3:])[:, :t]
+    def from_chunks(y_mbc: jax.Array) -> jax.Array:  # [M, B, C, ...] -> [B, T, ...]
+        return jnp.swapaxes(y_mbc, 0, 1).reshape(b, m * chunk, *y_mbc.shape[3:])[:, :t]
 
     body = jax.checkpoint(fn, prevent_cse=False) if remat else fn  # inside scan, CSE cannot undo the remat
-    carry, ys_nbc = jax.lax.scan(body, init, jax.tree.map(to_chunks, xs_bt))
-    return carry, jax.tree.map(from_chunks, ys_nbc)
+    carry, ys_mbc = jax.lax.scan(body, init, jax.tree.map(to_chunks, xs_bt))
+    return carry, jax.tree.map(from_chunks, ys_mbc)
 
 
 class TokenValues(NamedTuple):

@@ -3,7 +3,7 @@
 This is both the baseline that speculative decoding is timed against and the sampler of distillation
 data (target-generated and draft-generated responses, design §4).
 
-Dimension letters (style.md): B batch, T prompt positions (right-padded), N new tokens (the budget),
+Dimension letters (style.md): B batch, T prompt positions (right-padded), R new tokens (the response budget),
 S positions of a packed prompt+response sequence, V vocabulary.
 
 The prefill, the input checks and the stopping rule are shared with `speculative.py` (`decoding.py`).
@@ -33,11 +33,11 @@ from distillspec_jax.sampling import Sampler
 class GenerationOutput(NamedTuple):
     """What `generate` returns.
 
-    tokens: [B, N] int32, the new tokens of each row, `pad_id` after lengths[b].
+    tokens: [B, R] int32, the new tokens of each row, `pad_id` after lengths[b].
     lengths: [B] int32, tokens emitted per row (an EOS that ended the row is included).
-    sequences: [B, T + N] int32 or None: prompt[:prompt_lens[b]] ++ tokens[:lengths[b]] ++ pad,
+    sequences: [B, T + R] int32 or None: prompt[:prompt_lens[b]] ++ tokens[:lengths[b]] ++ pad,
       packed from position 0 so the sequence can be scored by one causal pass (distillation data).
-    response_mask: [B, T + N] bool or None: True exactly at the response positions of `sequences`.
+    response_mask: [B, T + R] bool or None: True exactly at the response positions of `sequences`.
     """
 
     tokens: jax.Array
@@ -51,7 +51,7 @@ class _DecodeCarry(NamedTuple):
 
     cache: qwen3.KVCache
     last_b: jax.Array  # [B] int32
-    tokens_bn: jax.Array  # [B, N] int32
+    tokens_br: jax.Array  # [B, R] int32
     lengths_b: jax.Array  # [B] int32
     done_b: jax.Array  # [B] bool
     step: jax.Array  # [] int32, loop iterations so far
@@ -81,11 +81,11 @@ def _generate_jit(graphdef, state, prompts_bt, prompt_lens_b, rng, *, max_new_to
         logits_b1v, cache = model.step(c.last_b[:, None], c.cache)
         new_b = sampling.sample(jax.random.fold_in(rng, c.step), logits_b1v[:, 0], sampler, real_v)
         new_b = jnp.where(c.done_b, pad_id, new_b)  # finished rows keep stepping but emit nothing
-        tokens_bn = jax.lax.dynamic_update_slice_in_dim(c.tokens_bn, new_b[:, None], c.step, axis=1)
+        tokens_br = jax.lax.dynamic_update_slice_in_dim(c.tokens_br, new_b[:, None], c.step, axis=1)
         return _DecodeCarry(
             cache=cache,
             last_b=new_b,
-            tokens_bn=tokens_bn,
+            tokens_br=tokens_br,
             lengths_b=c.lengths_b + (~c.done_b).astype(jnp.int32),
             done_b=c.done_b | decoding.is_eos(new_b, eos_ids),
             step=c.step + 1,
@@ -94,17 +94,17 @@ def _generate_jit(graphdef, state, prompts_bt, prompt_lens_b, rng, *, max_new_to
     init = _DecodeCarry(
         cache=cache,
         last_b=last_b,
-        tokens_bn=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+        tokens_br=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
         lengths_b=jnp.zeros((batch,), jnp.int32),
         done_b=jnp.zeros((batch,), bool),
         step=jnp.zeros((), jnp.int32),
     )
     out = jax.lax.while_loop(cond, body, init)
     if not return_sequences:
-        return GenerationOutput(out.tokens_bn, out.lengths_b)
-    sequences_bs, response_mask_bs = pipeline.pack_sequences(prompts_bt, prompt_lens_b, out.tokens_bn, out.lengths_b,
+        return GenerationOutput(out.tokens_br, out.lengths_b)
+    sequences_bs, response_mask_bs = pipeline.pack_sequences(prompts_bt, prompt_lens_b, out.tokens_br, out.lengths_b,
                                                              pad_id)
-    return GenerationOutput(out.tokens_bn, out.lengths_b, sequences_bs, response_mask_bs)
+    return GenerationOutput(out.tokens_br, out.lengths_b, sequences_bs, response_mask_bs)
 
 
 def generate(
@@ -132,8 +132,9 @@ def generate(
     cfg = model.cfg
     batch, prompt_len = decoding.check_prompts(cfg, prompts_bt, prompt_lens_b, max_new_tokens)
     eos = decoding.normalize_eos_ids(eos_ids, cfg.vocab_size)
+    what = f"generating {max_new_tokens} tokens after prompts of length {prompt_len}"
     cache_len = decoding.check_cache_len(cfg, prompt_len, decoding.required_cache_len(prompt_len, max_new_tokens),
-                                         cache_len, f"generating {max_new_tokens} tokens after prompts of length {prompt_len}")
+                                         cache_len, what)
     rng = decoding.default_rng(rng, sampler)
     graphdef, state = nnx.split(model)
     return _generate_jit(

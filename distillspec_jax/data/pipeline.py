@@ -165,28 +165,28 @@ def pad_prompts(prompts: Sequence[np.ndarray], length: int, pad_id: int) -> dict
     return {"prompts": out, "prompt_lens": lens_b}
 
 
-def pack_sequences(prompts_bt, prompt_lens_b, responses_bn, response_lens_b, pad_id: int,
+def pack_sequences(prompts_bt, prompt_lens_b, responses_br, response_lens_b, pad_id: int,
                    length: int | None = None):
     """(sequences_bs int32, response_mask_bs bool): each row's prompt, then its response, then pad_id.
 
-    prompts_bt [B, T] and responses_bn [B, N] are right-padded, described by prompt_lens_b and
-    response_lens_b [B]; S = `length`, by default T + N, and every row's prompt + response must fit in it.
+    prompts_bt [B, T] and responses_br [B, R] are right-padded, described by prompt_lens_b and
+    response_lens_b [B]; S = `length`, by default T + R, and every row's prompt + response must fit in it.
     The result is left-aligned (position 0 is the first prompt token), as the causal full forward
     `model(tokens_bt)` and the distillation loss expect. One implementation for both callers: NumPy
     arrays in give NumPy arrays out (the fixed responses, on the host), jax arrays in give jax arrays out
     (generated responses, traced inside the decode loops).
     """
-    traced = any(isinstance(x, jax.Array) for x in (prompts_bt, prompt_lens_b, responses_bn, response_lens_b))
+    traced = any(isinstance(x, jax.Array) for x in (prompts_bt, prompt_lens_b, responses_br, response_lens_b))
     xp = jnp if traced else np
-    prompts_bt, responses_bn = xp.asarray(prompts_bt), xp.asarray(responses_bn)
+    prompts_bt, responses_br = xp.asarray(prompts_bt), xp.asarray(responses_br)
     prompt_lens_b, response_lens_b = xp.asarray(prompt_lens_b), xp.asarray(response_lens_b)
-    t, n = prompts_bt.shape[1], responses_bn.shape[1]
-    s_1s = xp.arange(t + n if length is None else length)[None, :]
+    t, r = prompts_bt.shape[1], responses_br.shape[1]
+    s_1s = xp.arange(t + r if length is None else length)[None, :]
     in_prompt_bs = s_1s < prompt_lens_b[:, None]
     response_index_bs = s_1s - prompt_lens_b[:, None]
     response_mask_bs = (response_index_bs >= 0) & (response_index_bs < response_lens_b[:, None])
     from_prompt_bs = xp.take_along_axis(prompts_bt, xp.clip(s_1s, 0, t - 1).repeat(prompts_bt.shape[0], 0), axis=1)
-    from_response_bs = xp.take_along_axis(responses_bn, xp.clip(response_index_bs, 0, n - 1), axis=1)
+    from_response_bs = xp.take_along_axis(responses_br, xp.clip(response_index_bs, 0, r - 1), axis=1)
     sequences_bs = xp.where(in_prompt_bs, from_prompt_bs, xp.where(response_mask_bs, from_response_bs, pad_id))
     return sequences_bs.astype(xp.int32), response_mask_bs
 
@@ -203,8 +203,8 @@ def pack_examples(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray]
         raise ValueError(f"a sequence of {total} tokens does not fit the length {t}")
     # At least one column each, so that pack_sequences can gather from an empty response batch.
     prompts_bt, prompt_lens_b = _right_pad(prompts, pad_id, max(1, max(len(p) for p in prompts)))
-    responses_bn, response_lens_b = _right_pad(responses, pad_id, max(1, max(len(r) for r in responses)))
-    tokens, response_mask = pack_sequences(prompts_bt, prompt_lens_b, responses_bn, response_lens_b, pad_id, length=t)
+    responses_br, response_lens_b = _right_pad(responses, pad_id, max(1, max(len(r) for r in responses)))
+    tokens, response_mask = pack_sequences(prompts_bt, prompt_lens_b, responses_br, response_lens_b, pad_id, length=t)
     return {"tokens": tokens, "response_mask": response_mask.astype(np.float32)}
 
 
