@@ -5,7 +5,7 @@
 
 The table `tensor_maps(cfg)` is the single place that knows HF names (and `from_hf_config` /
 `to_hf_config` the one place that reads and writes config.json); every tensor's shape is
-asserted on the way in. Weights are read from memory-mapped safetensors and each tensor goes
+asserted on the way in. Weights are read with the safetensors package and each tensor goes
 straight to its NamedSharding, so a large model never sits whole on one device.
 """
 
@@ -27,12 +27,12 @@ import numpy as np
 from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from distillspec_jax import files, hub
 from distillspec_jax import sharding as shd
 from distillspec_jax.models import qwen3
-from distillspec_jax.models.safetensors_io import SafetensorsFile
-from distillspec_jax.models.safetensors_io import write as write_safetensors
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -267,18 +267,41 @@ def _download(hub_id: str) -> pathlib.Path:
         raise
 
 
+# The safetensors package's NumPy backend (>= 0.8, requirements.txt) reads and writes bfloat16 through
+# ml_dtypes, the dtype every Qwen3 checkpoint ships in, and reads slices of a tensor (`get_slice`).
+SafetensorsFile = Any  # a `safetensors.safe_open(path, framework="np")` handle
+
+
 def _open_weights(folder: pathlib.Path) -> dict[str, SafetensorsFile]:
-    """Tensor name -> the memory-mapped file that holds it (single file or sharded with an index)."""
+    """Tensor name -> the open safetensors file that holds it (single file or sharded with an index)."""
     index = folder / INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        shard_files = {name: SafetensorsFile(folder / name) for name in sorted(set(weight_map.values()))}
+        shard_files = {name: safe_open(folder / name, framework="np") for name in sorted(set(weight_map.values()))}
         return {tensor: shard_files[file] for tensor, file in weight_map.items()}
     located = {}
     for path in sorted(folder.glob("*.safetensors")):
-        st = SafetensorsFile(path)
-        located.update({tensor: st for tensor in st})
+        st = safe_open(path, framework="np")
+        located.update({tensor: st for tensor in st.keys()})
     return located
+
+
+def tensor_shape(st: SafetensorsFile, name: str) -> tuple[int, ...]:
+    """The stored shape of tensor `name`, read from the header without reading its data."""
+    return tuple(st.get_slice(name).get_shape())
+
+
+def write_safetensors(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> None:
+    """Writes `tensors` to a safetensors file atomically (temporary file, then rename). The "pt" format tag
+    is what transformers requires of the files it loads."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,11 +331,11 @@ def _target_shardings(cfg: qwen3.Qwen3Config, mesh: Mesh | None) -> dict[tuple, 
 
 def _place_tensors(group: list[TensorMap], located: dict[str, SafetensorsFile], np_dtype: np.dtype,
                    sharding: jax.sharding.Sharding) -> jax.Array:
-    """One parameter on its sharding, straight from the memory-mapped checkpoint: a single tensor, or the
-    per-layer tensors of a stacked [L, ...] parameter. Each device's slice is read from the files as it
-    is placed, so no host ever holds more than the slices its devices need (plus one layer's tensor)."""
+    """One parameter on its sharding, straight from the checkpoint files: a single tensor, or the per-layer
+    tensors of a stacked [L, ...] parameter. Each device's slice is read from the files as it is placed, so a
+    host holds one tensor read from the files at a time (and the first layer's, for a stacked parameter)."""
     def read(m: TensorMap) -> np.ndarray:
-        return np.asarray(m.to_ours(located[m.hf_name][m.hf_name]), dtype=np_dtype)
+        return np.asarray(m.to_ours(located[m.hf_name].get_tensor(m.hf_name)), dtype=np_dtype)
 
     if group[0].layer is None:
         (m,) = group
@@ -349,7 +372,7 @@ def load_hf(
     expected = {m.hf_name for m in maps}
     if cfg.tie_word_embeddings and "lm_head.weight" in located:
         embed, head = located["model.embed_tokens.weight"], located["lm_head.weight"]
-        if not np.array_equal(embed["model.embed_tokens.weight"], head["lm_head.weight"]):
+        if not np.array_equal(embed.get_tensor("model.embed_tokens.weight"), head.get_tensor("lm_head.weight")):
             raise ValueError(
                 "config says tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight; "
                 "set tie_word_embeddings=false in config.json if the head is meant to be separate"
@@ -363,9 +386,9 @@ def load_hf(
     for m in maps:
         if m.hf_name not in located:
             raise ValueError(f"{folder}: tensor {m.hf_name} is missing from the checkpoint")
-        if located[m.hf_name].shape(m.hf_name) != m.hf_shape:
+        if tensor_shape(located[m.hf_name], m.hf_name) != m.hf_shape:
             raise ValueError(
-                f"tensor {m.hf_name} has shape {located[m.hf_name].shape(m.hf_name)} in the checkpoint, but "
+                f"tensor {m.hf_name} has shape {tensor_shape(located[m.hf_name], m.hf_name)} in the checkpoint, but "
                 f"config.json implies {m.hf_shape}; the config and the weights disagree"
             )
     by_path: dict[tuple, list[TensorMap]] = {}
