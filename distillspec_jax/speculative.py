@@ -43,7 +43,6 @@ import numpy as np
 from flax import nnx
 
 from distillspec_jax import checks, decoding
-from distillspec_jax import generate as gen
 from distillspec_jax import sampling
 from distillspec_jax.data import pipeline
 from distillspec_jax.models import qwen3
