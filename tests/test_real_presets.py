@@ -65,7 +65,7 @@ def _snapshot(hf_home: pathlib.Path, hub_id: str, repo_type: str = "model") -> p
 def _hub_embedding(snapshot: pathlib.Path) -> np.ndarray:
     """model.embed_tokens.weight of a cached checkpoint, whichever shard holds it, as float32."""
     name = "model.embed_tokens.weight"
-    return np.asarray(convert._open_weights(snapshot)[name][name], np.float32)
+    return np.asarray(convert._open_weights(snapshot)[name].get_tensor(name), np.float32)
 
 
 def _run_offline(workdir, divergence: str, preset: str, hf_home: pathlib.Path, xla_cache: pathlib.Path):
