@@ -34,6 +34,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
+from distillspec_jax import decoding  # noqa: E402
 from distillspec_jax import evaluate as ev  # noqa: E402
 from distillspec_jax import generate as gen  # noqa: E402
 from distillspec_jax.models import convert, qwen3  # noqa: E402
@@ -46,7 +47,7 @@ def jax_decode(model: qwen3.Qwen3, prompts: np.ndarray, lens: np.ndarray, new_to
     decode step timed on its own by the evaluation's `decode_step_seconds` (the figure the roofline uses:
     16 steps per timed call, so it is not the small difference of two large times)."""
     batch, prompt_len = prompts.shape
-    cache_len = gen.required_cache_len(prompt_len, new_tokens)
+    cache_len = decoding.required_cache_len(prompt_len, new_tokens)
 
     def call(n: int):
         return lambda: gen.generate(model, prompts, lens, n, eos_ids=(), cache_len=cache_len)
@@ -75,7 +76,7 @@ def roofline(cfg: qwen3.Qwen3Config, batch: int, prompt_len: int, new_tokens: in
     step_flops = batch * common.forward_flops_per_token(cfg, context)
     memory_s, compute_s = step_bytes / bandwidth, step_flops / peak
     # What our attention reads: every slot of the cache (masked), not only the valid context.
-    cache_len = gen.required_cache_len(prompt_len, new_tokens)
+    cache_len = decoding.required_cache_len(prompt_len, new_tokens)
     return {
         "mean_context": context, "step_bytes": step_bytes, "step_flops": step_flops,
         "weight_bytes": common.matmul_params(cfg) * common.dtype_bytes(cfg.param_dtype),

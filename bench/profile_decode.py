@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bench import common
+from distillspec_jax import decoding
 from distillspec_jax import generate as gen
 from distillspec_jax.sampling import Sampler
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = common.build_model(cfg, args.seed)
     prompts, lens = common.random_prompts(args.batch, args.prompt_len, cfg, args.seed)
     n = args.new_tokens
-    cache_len = gen.required_cache_len(args.prompt_len, n)
+    cache_len = decoding.required_cache_len(args.prompt_len, n)
 
     def call():
         return jax.block_until_ready(gen.generate(model, prompts, lens, n, eos_ids=(), cache_len=cache_len))
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     graphdef, state = nnx.split(model)
     compiled = gen._generate_jit.lower(  # the same executable generate runs (same static arguments)
         graphdef, state, jnp.asarray(prompts), jnp.asarray(lens), jax.random.key(0), max_new_tokens=n,
-        sampler=Sampler(temperature=0.0), eos_ids=(), pad_id=gen.DEFAULT_PAD_ID, cache_len=cache_len,
+        sampler=Sampler(temperature=0.0), eos_ids=(), pad_id=decoding.DEFAULT_PAD_ID, cache_len=cache_len,
         return_sequences=False).compile()
     ops = hlo_ops(compiled.as_text())
     with tempfile.TemporaryDirectory(prefix="bench_profile_") as folder:

@@ -37,8 +37,8 @@ import numpy as np
 from flax import nnx
 
 from bench import common
+from distillspec_jax import decoding
 from distillspec_jax import evaluate as ev
-from distillspec_jax import generate as gen
 from distillspec_jax import speculative as spec
 from distillspec_jax.evaluate import median_seconds
 from distillspec_jax.models import qwen3
@@ -63,7 +63,7 @@ def truncated_draft(target: qwen3.Qwen3, layers: int) -> qwen3.Qwen3:
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("cache_len",))
 def _prefill(graphdef, state, prompts_bt, prompt_lens_b, *, cache_len: int):
-    return gen.prefill(nnx.merge(graphdef, state), prompts_bt, prompt_lens_b, cache_len)
+    return decoding.prefill(nnx.merge(graphdef, state), prompts_bt, prompt_lens_b, cache_len)
 
 
 def prefill_seconds(model: qwen3.Qwen3, prompts: np.ndarray, lens: np.ndarray, cache_len: int, runs: int) -> float:
@@ -85,7 +85,7 @@ def sweep(target: qwen3.Qwen3, draft: qwen3.Qwen3, prompts: np.ndarray, lens: np
     draft_pair_step_s = ev.decode_step_seconds(draft, batch, step_cache_len, runs, tokens_per_step=2)
     c = draft_step_s / target_step_s
     # Both models prefill into a cache of the largest γ's length (the length barely changes the prefill cost).
-    cache_len = spec.required_cache_len(prompt_len, new_tokens, max(gammas))
+    cache_len = decoding.required_cache_len(prompt_len, new_tokens, max(gammas))
     prefill_s = prefill_seconds(target, prompts, lens, cache_len, runs) + prefill_seconds(draft, prompts, lens,
                                                                                          cache_len, runs)
     rows = []

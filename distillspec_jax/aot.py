@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from distillspec_jax import checks, costs
+from distillspec_jax import checks, costs, decoding
 from distillspec_jax import errors
 from distillspec_jax import evaluate as ev
 from distillspec_jax import generate as gen
@@ -55,7 +55,7 @@ from distillspec_jax import sharding as shd
 from distillspec_jax import speculative as spec
 from distillspec_jax import train
 from distillspec_jax.data import pipeline
-from distillspec_jax.models import qwen3
+from distillspec_jax.models import convert, qwen3
 from distillspec_jax.costs import CHIPS, GiB, chip
 from distillspec_jax.sampling import Sampler
 
@@ -193,7 +193,7 @@ def model_config(c: ConfigDict, which: str) -> qwen3.Qwen3Config:
         # The tiny tokenizer is trained to exactly tiny.vocab_size ids, the models' vocabulary.
         cfg = tiny.model_config(c.tiny.to_dict(), which, c.tiny.vocab_size)
     elif os.path.isdir(m.model):
-        cfg = qwen3.from_hf_config(os.path.join(m.model, "config.json"))
+        cfg = convert.from_hf_config(os.path.join(m.model, "config.json"))
     else:
         try:
             cfg = qwen3.preset(m.model)
@@ -456,9 +456,9 @@ def programs(run: Run) -> list[Program]:
 
     def generate(name, graphdef, state, batch, new_tokens, sampler, sequences, resident, cfg):
         p, lens = prompts(batch, s.prompt_len)
-        cache_len = gen.required_cache_len(s.prompt_len, new_tokens)
+        cache_len = decoding.required_cache_len(s.prompt_len, new_tokens)
         lower = functools.partial(gen._generate_jit.lower, graphdef, state, p, lens, rng, max_new_tokens=new_tokens,
-                                  sampler=sampler, eos_ids=_eos_ids(cfg), pad_id=gen.DEFAULT_PAD_ID,
+                                  sampler=sampler, eos_ids=_eos_ids(cfg), pad_id=decoding.DEFAULT_PAD_ID,
                                   cache_len=cache_len, return_sequences=sequences)
         out.append(Program(name, lower, resident))
 
@@ -508,8 +508,9 @@ def programs(run: Run) -> list[Program]:
                 lower = functools.partial(
                     spec._speculative_jit.lower, tg, dg, ts, ds, p, lens, rng, gamma=gamma,
                     max_new_tokens=s.eval_tokens, sampler=sampler, eos_ids=_eos_ids(target.cfg),
-                    pad_id=gen.DEFAULT_PAD_ID, cache_len=spec.required_cache_len(s.prompt_len, s.eval_tokens, gamma),
-                    return_sequences=False, lossy_variant=None)
+                    pad_id=decoding.DEFAULT_PAD_ID,
+                    cache_len=decoding.required_cache_len(s.prompt_len, s.eval_tokens, gamma), return_sequences=False,
+                    acceptance="lossless")
                 out.append(Program(f"{stage}/{t}/speculative_g{gamma}", lower, others("eval", "target", "draft")))
 
     stages = set(x.strip() for x in c.stages.split(","))
@@ -656,7 +657,7 @@ def roofline(c: ConfigDict, device_kind: str, num_devices: int, gamma: int = 4) 
                          + target_passes * costs.forward_flops_per_token(target_cfg, s.train_len))
     step_s = flops / (num_devices * hw.peak_flops)
     rows = max(s.eval_batch // (data * fsdp), 1)
-    context = spec.required_cache_len(s.prompt_len, s.eval_tokens, gamma)
+    context = decoding.required_cache_len(s.prompt_len, s.eval_tokens, gamma)
     draft_s = (_decode_step_seconds(draft_cfg, rows, 2, context, tensor, hw)
                + (gamma - 1) * _decode_step_seconds(draft_cfg, rows, 1, context, tensor, hw))
     verify_s = _decode_step_seconds(target_cfg, rows, gamma + 1, context, tensor, hw)

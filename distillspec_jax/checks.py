@@ -6,6 +6,11 @@
                      against the models' max_position_embeddings (RoPE runs past it without an error)
     load_examples    the raw data: an empty source, a row without the field its task reads (with its
                      file, row and line), and too few rows for the evaluation and one training batch
+
+and, on the host before tracing, what the models are given (the model file checks nothing of this):
+
+    check_same_vocabulary  draft and target (or reference) compare distributions id by id
+    check_token_ids        ids outside the embedding table, which JAX would not report
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ import functools
 import json
 import os
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from ml_collections import ConfigDict
 
@@ -25,6 +31,7 @@ from distillspec_jax import hub
 from distillspec_jax import workdir as wd
 from distillspec_jax.data import pipeline, sources, tasks
 from distillspec_jax.errors import field_error
+from distillspec_jax.models import qwen3
 
 TINY = "tiny"
 DISTRIBUTED_MODES = ("auto", "on", "off")
@@ -331,7 +338,7 @@ def sequence_budgets(c: ConfigDict) -> list[Budget]:
     response = (("data.max_response_len", d.max_response_len)
                 if tasks.TASKS[d.task].has_responses and d.max_response_len > g.max_new_tokens
                 else ("generator.max_new_tokens", g.max_new_tokens))
-    # Speculative decoding verifies γ drafts past the last emitted token (speculative.required_cache_len).
+    # Speculative decoding verifies γ drafts past the last emitted token (decoding.required_cache_len).
     evaluation = (prompt, ("eval.max_new_tokens", c.eval.max_new_tokens), ("eval.gammas", max(c.eval.gammas) - 1))
     return [Budget("training and data-generation sequences", (prompt, response)), Budget("evaluation", evaluation)]
 
@@ -444,3 +451,48 @@ def load_examples(c: ConfigDict) -> tuple[list[dict], list[dict]]:
         raise sources.DataSourceError(f"{_where(c, d.split)} has {len(examples)} training rows, fewer than one batch "
                                       f"of distill.batch_size={c.distill.batch_size}; fix: lower distill.batch_size")
     return examples, eval_examples
+
+
+# ----------------------------------------------------------------------------------------------
+# What the models are given (host side, before anything is traced)
+# ----------------------------------------------------------------------------------------------
+
+
+ModelConfig = qwen3.Qwen3Config | Mapping[str, Any]  # a config, or its fields as stored with a converted model
+
+
+def check_same_vocabulary(draft: ModelConfig, other: ModelConfig, other_name: str, needed_for: str) -> None:
+    """Draft and target (or reference) must share one vocabulary: same rows and same real tokens, because
+    `needed_for` compares their distributions id by id. Each is a Qwen3Config, or its fields as a dict (the
+    converted models' stored config, read before any weights load)."""
+    (draft_v, draft_real), (other_v, other_real) = _vocabulary(draft), _vocabulary(other)
+    if (draft_v, draft_real) != (other_v, other_real):
+        raise ValueError(
+            f"draft and {other_name} vocabularies differ: draft vocab_size={draft_v} (real {draft_real}), "
+            f"{other_name} vocab_size={other_v} (real {other_real}); {needed_for} compares their distributions "
+            "id by id, so pick models with the same tokenizer")
+
+
+def _vocabulary(cfg: ModelConfig) -> tuple[int, int]:
+    """(vocab_size, real_vocab_size): rows, and ids that are real tokens (num_real_tokens None = all rows)."""
+    if isinstance(cfg, qwen3.Qwen3Config):
+        return cfg.vocab_size, cfg.real_vocab_size
+    return cfg["vocab_size"], cfg.get("num_real_tokens") or cfg["vocab_size"]
+
+
+def concrete(x) -> np.ndarray | None:
+    """`x` as a host array when its values are known outside jit on this process, else None."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return None
+    return np.asarray(x)
+
+
+def check_token_ids(cfg: qwen3.Qwen3Config, tokens, what: str) -> None:
+    """Ids outside [0, vocab_size) would index past the embedding table, which JAX answers with NaN rows
+    (or, for a negative id, a wrapped-around row) instead of an error; caught here on the host."""
+    ids = concrete(tokens)
+    if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+        raise ValueError(f"{what} holds token ids in [{ids.min()}, {ids.max()}], outside the model's vocabulary "
+                         f"[0, {cfg.vocab_size}); tokenize with the model's own tokenizer")

@@ -10,7 +10,8 @@ registered under its config name with `@register(name)`. Adding one = a function
 
 Alignment. Position t's logits predict token t+1. `loss_mask[b, t] = 1` means the distribution at
 position t, the one that generates token t+1, is trained; `next_token_loss_mask` builds it from a
-mask of response tokens. The last position has no next token and is never counted.
+mask of response tokens with `next_token_shift`, the one shift (labels, evaluation positions). The
+last position has no next token and is never counted.
 
 Reduction. loss = Σ_counted values / count. Both sums run over the whole global batch: under jit a
 `jnp.sum` of a sharded array is a global sum, so the mean does not depend on how the batch is split.
@@ -30,9 +31,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from distillspec_jax.models.qwen3 import MASK_VALUE
-from distillspec_jax.sampling import Sampler, filtered_logits
+from distillspec_jax.sampling import MASK_VALUE, Sampler, filtered_logits
 
 # (p_logits [..., V], q_logits [..., V], **hyperparameters) -> per-token values [...]
 DivergenceFn = Callable[..., jax.Array]
@@ -181,19 +182,21 @@ class LossSpec:
 # ----------------------------------------------------------------------------------------------
 
 
-def next_token_labels(tokens_bt: jax.Array) -> jax.Array:
-    """labels[b, t] = tokens[b, t + 1], the token that position t's logits predict; 0 at the last position."""
-    return jnp.concatenate([tokens_bt[:, 1:], jnp.zeros_like(tokens_bt[:, :1])], axis=1)
+def next_token_shift(x_bt):
+    """x'[b, t] = x[b, t + 1], what position t's logits predict (labels from tokens, or the positions that
+    generate a response token from a response mask); 0 (False) at the last position, which predicts
+    nothing inside the sequence. NumPy in, NumPy out (host-side data); jax in, jax out."""
+    xp = np if isinstance(x_bt, np.ndarray) else jnp
+    return xp.concatenate([x_bt[:, 1:], xp.zeros_like(x_bt[:, :1])], axis=1)
 
 
-def next_token_loss_mask(response_mask_bt: jax.Array) -> jax.Array:
-    """loss_mask[b, t] = response_mask[b, t + 1]: train the distributions that generate response tokens.
+def next_token_loss_mask(response_mask_bt):
+    """float32 loss_mask[b, t] = response_mask[b, t + 1]: train the distributions that generate response tokens.
 
     response_mask marks positions holding response tokens (not prompt, not padding). The last
     position predicts nothing inside the sequence and gets 0.
     """
-    shifted = jnp.concatenate([response_mask_bt[:, 1:], jnp.zeros_like(response_mask_bt[:, :1])], axis=1)
-    return shifted.astype(jnp.float32)
+    return next_token_shift(response_mask_bt).astype(np.float32)
 
 
 def counted_mask(loss_mask_bt: jax.Array) -> jax.Array:
@@ -210,6 +213,33 @@ def counted_mask(loss_mask_bt: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 # Per-token values, chunked
 # ----------------------------------------------------------------------------------------------
+
+
+def scan_positions(fn: Callable, init, xs_bt, chunk: int, *, remat: bool = False):
+    """(carry, ys_bt): `fn(carry, xs_bc) -> (carry, ys_bc)` run over chunks of C = `chunk` positions.
+
+    xs_bt is a pytree of [B, T, ...] arrays, ys_bc a pytree of [B, C, ...] arrays (or None). With chunk = 0
+    or chunk >= T, fn sees the whole sequence at once; otherwise a `lax.scan` walks M = ceil(T / C) chunks, the
+    last one zero-padded (fn must give padded positions no weight in its carry; they are cut from ys).
+    Only [B, C, V] distributions then exist at a time, which is what keeps V = 151936 in memory (design §3).
+    remat: the body is rematerialised, so a backward pass recomputes each chunk's logits from its [B, C, D]
+    hidden states instead of keeping them (the training losses; evaluation never rematerialises).
+    """
+    b, t = jax.tree.leaves(xs_bt)[0].shape[:2]
+    if chunk == 0 or chunk >= t:
+        return fn(init, xs_bt)
+    m = -(-t // chunk)  # M chunks
+
+    def to_chunks(x_bt: jax.Array) -> jax.Array:  # [B, T, ...] -> [M, B, C, ...]
+        x_bt = jnp.pad(x_bt, [(0, 0), (0, m * chunk - t)] + [(0, 0)] * (x_bt.ndim - 2))
+        return jnp.swapaxes(x_bt.reshape(b, m, chunk, *x_bt.shape[2:]), 0, 1)
+
+    def from_chunks(y_mbc: jax.Array) -> jax.Array:  # [M, B, C, ...] -> [B, T, ...]
+        return jnp.swapaxes(y_mbc, 0, 1).reshape(b, m * chunk, *y_mbc.shape[3:])[:, :t]
+
+    body = jax.checkpoint(fn, prevent_cse=False) if remat else fn  # inside scan, CSE cannot undo the remat
+    carry, ys_mbc = jax.lax.scan(body, init, jax.tree.map(to_chunks, xs_bt))
+    return carry, jax.tree.map(from_chunks, ys_mbc)
 
 
 class TokenValues(NamedTuple):
@@ -267,32 +297,18 @@ def token_values(
         raise ValueError(f"divergence {spec.divergence!r} needs the target's head and hidden states")
     if spec.adaspec and (reference_head is None or reference_h_btd is None):
         raise ValueError("AdaSPEC (adaspec_fraction set) needs the reference draft's head and hidden states")
-    b, t = labels_bt.shape
     inputs = {"draft_h_bcd": draft_h_btd, "labels_bc": labels_bt}
     if spec.uses_target:
         inputs["target_h_bcd"] = jax.lax.stop_gradient(target_h_btd)
     if spec.adaspec:
         inputs["reference_h_bcd"] = jax.lax.stop_gradient(reference_h_btd)
 
-    def values(chunk_inputs: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
-        return _chunk_values(spec, real_vocab_size, draft_head, target_head, reference_head,
-                             chunk_inputs["draft_h_bcd"], chunk_inputs.get("target_h_bcd"),
-                             chunk_inputs.get("reference_h_bcd"), chunk_inputs["labels_bc"])
+    def values(carry: None, chunk_inputs: dict[str, jax.Array]) -> tuple[None, tuple[jax.Array, ...]]:
+        return carry, _chunk_values(spec, real_vocab_size, draft_head, target_head, reference_head,
+                                    chunk_inputs["draft_h_bcd"], chunk_inputs.get("target_h_bcd"),
+                                    chunk_inputs.get("reference_h_bcd"), chunk_inputs["labels_bc"])
 
-    c = spec.chunk
-    if c == 0 or c >= t:
-        out = values(inputs)
-    else:
-        n = -(-t // c)  # chunks, the last one zero-padded; padded positions are cut off below
-
-        def to_chunks(x_bt: jax.Array) -> jax.Array:  # [B, T, ...] -> [N, B, C, ...]
-            pad = [(0, 0), (0, n * c - t)] + [(0, 0)] * (x_bt.ndim - 2)
-            x_bt = jnp.pad(x_bt, pad)
-            return jnp.swapaxes(x_bt.reshape(b, n, c, *x_bt.shape[2:]), 0, 1)
-
-        chunk_fn = jax.checkpoint(values, prevent_cse=False)  # inside scan, CSE cannot undo the remat
-        _, out_nbc = jax.lax.scan(lambda carry, xs: (carry, chunk_fn(xs)), None, jax.tree.map(to_chunks, inputs))
-        out = tuple(jnp.swapaxes(o_nbc, 0, 1).reshape(b, n * c)[:, :t] for o_nbc in out_nbc)
+    _, out = scan_positions(values, None, inputs, spec.chunk, remat=True)
     return TokenValues(divergence=out[0], tvd=out[1], adaspec_delta=out[2] if spec.adaspec else None)
 
 

@@ -11,7 +11,7 @@ draft before and after distillation, at each temperature, and write them to resu
   analytic α̂         = mean over positions of target-sampled continuations of Σ_v min(p, q) = 1 − TVD(p, q);
   τ̂                  = (1 − α̂^(γ+1)) / (1 − α̂).
 
-Dimension letters (style.md): B batch, S sequence positions, C chunks of positions, D model width, V vocabulary.
+Dimension letters (style.md): B batch, S sequence positions, C positions of one chunk, D model width, V vocabulary.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from distillspec_jax import divergences as dv
 from distillspec_jax import generate as gen
 from distillspec_jax import sampling
 from distillspec_jax import speculative as spec
@@ -133,31 +134,24 @@ def verify_cost_ratio(target: qwen3.Qwen3, gamma: int, batch: int, cache_len: in
 @functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("sampler", "chunk"))
 def _acceptance_sum(target_graphdef, draft_graphdef, target_state, draft_state, sequences_bs, predicts_bs, *,
                     sampler: Sampler, chunk: int) -> jax.Array:
-    """Σ over positions where predicts_bs is True of Σ_v min(p, q), computed chunk by chunk over positions so
-    that only [B, chunk, V] distributions of each model exist at once (V dominates memory, design §3)."""
+    """Σ over positions where predicts_bs is True of Σ_v min(p, q) = 1 − TVD(p, q), computed chunk by chunk over
+    positions (`divergences.scan_positions`) so that only [B, C, V] distributions of each model exist at once
+    (V dominates memory, design §3)."""
     target = nnx.merge(target_graphdef, target_state)
     draft = nnx.merge(draft_graphdef, draft_state)
     real_v = target.cfg.real_vocab_size
-    h_target_bsd, h_draft_bsd = target.hidden_states(sequences_bs), draft.hidden_states(sequences_bs)
-    b, s = predicts_bs.shape
-    num_chunks = -(-s // chunk)
-    pad = num_chunks * chunk - s
+    xs = (target.hidden_states(sequences_bs), draft.hidden_states(sequences_bs), predicts_bs)
 
-    def to_chunks(x):  # [B, S, ...] -> [C, B, chunk, ...]
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.swapaxes(x.reshape(b, num_chunks, chunk, *x.shape[2:]), 0, 1)
-
-    def one_chunk(total, xs):
-        h_t_btd, h_d_btd, predicts_bt = xs
-        # softmax(filtered_logits): the sampler's temperature and top-k/top-p; temperature 1 when greedy.
-        p_btv = jax.nn.softmax(sampling.filtered_logits(target.logits(h_t_btd), sampler, real_v), axis=-1)
-        q_btv = jax.nn.softmax(sampling.filtered_logits(draft.logits(h_d_btd), sampler, real_v), axis=-1)
+    def one_chunk(total, xs_c):
+        h_target_bcd, h_draft_bcd, predicts_bc = xs_c
+        # filtered_logits: the sampler's temperature and top-k/top-p; temperature 1 when greedy.
+        p_bcv = sampling.filtered_logits(target.logits(h_target_bcd), sampler, real_v)
+        q_bcv = sampling.filtered_logits(draft.logits(h_draft_bcd), sampler, real_v)
         # 1 − TVD rather than Σ min(p, q): equal when both sum to 1, and exactly 1 when p and q are identical.
-        beta_bt = 1.0 - 0.5 * jnp.sum(jnp.abs(p_btv - q_btv), axis=-1)
-        return total + jnp.sum(jnp.where(predicts_bt, beta_bt, 0.0)), None
+        beta_bc = 1.0 - dv.total_variation(p_bcv, q_bcv)
+        return total + jnp.sum(jnp.where(predicts_bc, beta_bc, 0.0)), None
 
-    total, _ = jax.lax.scan(one_chunk, jnp.zeros((), jnp.float32),
-                            (to_chunks(h_target_bsd), to_chunks(h_draft_bsd), to_chunks(predicts_bs)))
+    total, _ = dv.scan_positions(one_chunk, jnp.zeros((), jnp.float32), xs, chunk)
     return total
 
 
@@ -173,8 +167,7 @@ def acceptance_from_sequences(target: qwen3.Qwen3, draft: qwen3.Qwen3, sequences
     """
     spec.check_pair(target, draft)
     response_mask_bs = jnp.asarray(response_mask_bs, bool)
-    # Position s predicts token s + 1.
-    predicts_bs = jnp.concatenate([response_mask_bs[:, 1:], jnp.zeros_like(response_mask_bs[:, :1])], axis=1)
+    predicts_bs = dv.next_token_shift(response_mask_bs)  # position s predicts token s + 1
     count = int(jnp.sum(predicts_bs))
     if count == 0:
         raise ValueError("no response positions to score: response_mask is all False")

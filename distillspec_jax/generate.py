@@ -3,17 +3,11 @@
 This is both the baseline that speculative decoding is timed against and the sampler of distillation
 data (target-generated and draft-generated responses, design §4).
 
-Dimension letters (style.md): B batch, T prompt positions (right-padded), N new tokens (the budget),
+Dimension letters (style.md): B batch, T prompt positions (right-padded), R new tokens (the response budget),
 S positions of a packed prompt+response sequence, V vocabulary.
 
-Conventions shared with `speculative.py`:
-  * Prompts of different lengths are right-padded to a common T and described by `prompt_lens_b`.
-  * The prefill writes each prompt *except its last token* into the cache; decoding starts by
-    feeding that last token. The prefill's logits are never used, so XLA drops its [B, T, V] LM-head
-    product, and a prompt of a single token needs no special case.
-  * Row b stops after it emits one of `eos_ids` (the EOS is emitted and counted) or after
-    `max_new_tokens` tokens. Slots after a row's end hold `pad_id`.
-  * Sampling: step i (0-based, counted over the whole batch) draws with key `fold_in(rng, i)` through
+The prefill, the input checks and the stopping rule are shared with `speculative.py` (`decoding.py`).
+Sampling: step i (0-based, counted over the whole batch) draws with key `fold_in(rng, i)` through
     `sampling.sample`, so a run is reproducible from `rng` alone.
 
 Shapes, the sampler, the budget, EOS ids and the cache length are static: the jitted function is
@@ -28,24 +22,22 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from distillspec_jax import sampling
+from distillspec_jax import decoding, sampling
+from distillspec_jax.data import pipeline
 from distillspec_jax.models import qwen3
 from distillspec_jax.sampling import Sampler
-
-DEFAULT_PAD_ID = 0  # written after a row's end; any id works since lengths/masks say what is real
 
 
 class GenerationOutput(NamedTuple):
     """What `generate` returns.
 
-    tokens: [B, N] int32, the new tokens of each row, `pad_id` after lengths[b].
+    tokens: [B, R] int32, the new tokens of each row, `pad_id` after lengths[b].
     lengths: [B] int32, tokens emitted per row (an EOS that ended the row is included).
-    sequences: [B, T + N] int32 or None: prompt[:prompt_lens[b]] ++ tokens[:lengths[b]] ++ pad,
+    sequences: [B, T + R] int32 or None: prompt[:prompt_lens[b]] ++ tokens[:lengths[b]] ++ pad,
       packed from position 0 so the sequence can be scored by one causal pass (distillation data).
-    response_mask: [B, T + N] bool or None: True exactly at the response positions of `sequences`.
+    response_mask: [B, T + R] bool or None: True exactly at the response positions of `sequences`.
     """
 
     tokens: jax.Array
@@ -59,134 +51,10 @@ class _DecodeCarry(NamedTuple):
 
     cache: qwen3.KVCache
     last_b: jax.Array  # [B] int32
-    tokens_bn: jax.Array  # [B, N] int32
+    tokens_br: jax.Array  # [B, R] int32
     lengths_b: jax.Array  # [B] int32
     done_b: jax.Array  # [B] bool
     step: jax.Array  # [] int32, loop iterations so far
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation shared with speculative.py (runs on the host, before anything is traced)
-# ----------------------------------------------------------------------------------------------
-
-
-def normalize_eos_ids(eos_ids: int | Iterable[int] | None, vocab_size: int) -> tuple[int, ...]:
-    """A sorted tuple of distinct EOS ids (hashable, so it can be static); None or () means no EOS."""
-    if eos_ids is None:
-        return ()
-    ids = (int(eos_ids),) if isinstance(eos_ids, (int, np.integer)) else tuple(int(i) for i in eos_ids)
-    bad = [i for i in ids if not 0 <= i < vocab_size]
-    if bad:
-        raise ValueError(f"eos ids {bad} are outside the vocabulary [0, {vocab_size})")
-    return tuple(sorted(set(ids)))
-
-
-def check_sampler(sampler: Sampler) -> None:
-    if not isinstance(sampler, Sampler):
-        raise TypeError(f"sampler must be a sampling.Sampler, got {type(sampler).__name__}")
-    # Sampler validates itself on construction; this repeats the check in case it was bypassed, so a
-    # negative temperature never reaches a trace (where it would silently sharpen and flip logits).
-    if sampler.temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {sampler.temperature}")
-
-
-def check_prompts(cfg: qwen3.Qwen3Config, prompts_bt, prompt_lens_b, max_new_tokens: int) -> tuple[int, int]:
-    """Checks shapes (and, when concrete, the ids' and lengths' values). Returns (B, T)."""
-    if np.ndim(prompts_bt) != 2:
-        raise ValueError(f"prompts must be [B, T] token ids, got shape {np.shape(prompts_bt)}")
-    batch, prompt_len = np.shape(prompts_bt)
-    if batch == 0:
-        raise ValueError("empty batch: prompts has 0 rows")
-    if prompt_len == 0:
-        raise ValueError("prompts have 0 positions; every prompt needs at least one token")
-    if np.shape(prompt_lens_b) != (batch,):
-        raise ValueError(f"prompt_lens must have shape [B] = ({batch},), got {np.shape(prompt_lens_b)}")
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    qwen3.check_token_ids(cfg, prompts_bt, "prompts")
-    lens = qwen3.concrete(prompt_lens_b)
-    if lens is not None and (lens.min() < 1 or lens.max() > prompt_len):
-        raise ValueError(
-            f"prompt_lens must lie in [1, T={prompt_len}] (right-padded prompts), got min {lens.min()} max {lens.max()}"
-        )
-    return int(batch), int(prompt_len)
-
-
-def default_rng(rng: jax.Array | None, sampler: Sampler) -> jax.Array:
-    """The caller's key, or a fixed one for greedy decoding (which draws nothing); sampling needs a key."""
-    if rng is not None:
-        return rng
-    if not sampler.greedy:
-        raise ValueError("sampling at temperature > 0 needs an rng key")
-    return jax.random.key(0)
-
-
-def check_cache_len(cfg: qwen3.Qwen3Config, prompt_len: int, required: int, cache_len: int | None,
-                    what: str) -> int:
-    """Resolves the KV cache length: `required` slots unless the caller fixed one, and never past the
-    model's trained positions. Raising here matters: `dynamic_update_slice` would silently clamp an
-    out-of-range write, overwriting the last valid cache entries instead of failing."""
-    if cache_len is None:
-        cache_len = required
-    if prompt_len > cache_len:
-        raise ValueError(f"prompts of padded length {prompt_len} do not fit in a KV cache of {cache_len} slots")
-    if required > cache_len:
-        raise ValueError(f"{what} needs a KV cache of {required} slots, but cache_len={cache_len}")
-    if required > cfg.max_position_embeddings:
-        raise ValueError(
-            f"{what} needs positions up to {required - 1}, beyond the model's max_position_embeddings="
-            f"{cfg.max_position_embeddings}; shorten the prompts or the budget"
-        )
-    return int(cache_len)
-
-
-def required_cache_len(prompt_len: int, max_new_tokens: int) -> int:
-    """Slots autoregressive decoding writes: the prompt, then one per step; the final token is never fed."""
-    return prompt_len + max_new_tokens - 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Pieces shared with speculative.py (traced)
-# ----------------------------------------------------------------------------------------------
-
-
-def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
-    """Boolean mask, same shape as tokens: the token is one of eos_ids (all False when there are none)."""
-    if not eos_ids:
-        return jnp.zeros(tokens.shape, bool)
-    return jnp.isin(tokens, jnp.asarray(eos_ids, tokens.dtype))
-
-
-def prefill(model: qwen3.Qwen3, prompts_bt: jax.Array, prompt_lens_b: jax.Array, cache_len: int) -> tuple[qwen3.KVCache, jax.Array]:
-    """Writes every prompt but its last token into a fresh cache; returns (cache, last_b).
-
-    The padded tail (and the last prompt token) are written too but lie beyond `lengths`, so they are
-    masked and overwritten by decoding; the unused logits are dead code that XLA removes.
-    """
-    cache = qwen3.KVCache.init(model.cfg, prompts_bt.shape[0], cache_len)
-    _, cache = model.step(prompts_bt, cache)
-    last_b = jnp.take_along_axis(prompts_bt, (prompt_lens_b - 1)[:, None], axis=1)[:, 0]
-    return cache.with_lengths(prompt_lens_b - 1), last_b
-
-
-def pack_sequences(prompts_bt: jax.Array, prompt_lens_b: jax.Array, tokens_bn: jax.Array, lengths_b: jax.Array,
-                   pad_id: int = DEFAULT_PAD_ID) -> tuple[jax.Array, jax.Array]:
-    """(sequences_bs, response_mask_bs), S = T + N: each row's prompt, then its response, then pad_id.
-
-    The result is left-aligned (position 0 is the first prompt token), as the causal full forward
-    `model(tokens_bt)` and the distillation loss expect.
-    """
-    prompts_bt, tokens_bn = jnp.asarray(prompts_bt), jnp.asarray(tokens_bn)
-    prompt_lens_b, lengths_b = jnp.asarray(prompt_lens_b), jnp.asarray(lengths_b)
-    t, n = prompts_bt.shape[1], tokens_bn.shape[1]
-    s_1s = jnp.arange(t + n)[None, :]
-    in_prompt_bs = s_1s < prompt_lens_b[:, None]
-    response_index_bs = s_1s - prompt_lens_b[:, None]
-    response_mask_bs = (response_index_bs >= 0) & (response_index_bs < lengths_b[:, None])
-    from_prompt_bs = jnp.take_along_axis(prompts_bt, jnp.clip(s_1s, 0, t - 1).repeat(prompts_bt.shape[0], 0), axis=1)
-    from_response_bs = jnp.take_along_axis(tokens_bn, jnp.clip(response_index_bs, 0, n - 1), axis=1)
-    sequences_bs = jnp.where(in_prompt_bs, from_prompt_bs, jnp.where(response_mask_bs, from_response_bs, pad_id))
-    return sequences_bs.astype(jnp.int32), response_mask_bs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,7 +72,7 @@ def _generate_jit(graphdef, state, prompts_bt, prompt_lens_b, rng, *, max_new_to
     model = nnx.merge(graphdef, state)
     real_v = model.cfg.real_vocab_size
     batch = prompts_bt.shape[0]
-    cache, last_b = prefill(model, prompts_bt, prompt_lens_b, cache_len)
+    cache, last_b = decoding.prefill(model, prompts_bt, prompt_lens_b, cache_len)
 
     def cond(c: _DecodeCarry) -> jax.Array:
         return (c.step < max_new_tokens) & ~jnp.all(c.done_b)
@@ -213,29 +81,30 @@ def _generate_jit(graphdef, state, prompts_bt, prompt_lens_b, rng, *, max_new_to
         logits_b1v, cache = model.step(c.last_b[:, None], c.cache)
         new_b = sampling.sample(jax.random.fold_in(rng, c.step), logits_b1v[:, 0], sampler, real_v)
         new_b = jnp.where(c.done_b, pad_id, new_b)  # finished rows keep stepping but emit nothing
-        tokens_bn = jax.lax.dynamic_update_slice_in_dim(c.tokens_bn, new_b[:, None], c.step, axis=1)
+        tokens_br = jax.lax.dynamic_update_slice_in_dim(c.tokens_br, new_b[:, None], c.step, axis=1)
         return _DecodeCarry(
             cache=cache,
             last_b=new_b,
-            tokens_bn=tokens_bn,
+            tokens_br=tokens_br,
             lengths_b=c.lengths_b + (~c.done_b).astype(jnp.int32),
-            done_b=c.done_b | is_eos(new_b, eos_ids),
+            done_b=c.done_b | decoding.is_eos(new_b, eos_ids),
             step=c.step + 1,
         )
 
     init = _DecodeCarry(
         cache=cache,
         last_b=last_b,
-        tokens_bn=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+        tokens_br=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
         lengths_b=jnp.zeros((batch,), jnp.int32),
         done_b=jnp.zeros((batch,), bool),
         step=jnp.zeros((), jnp.int32),
     )
     out = jax.lax.while_loop(cond, body, init)
     if not return_sequences:
-        return GenerationOutput(out.tokens_bn, out.lengths_b)
-    sequences_bs, response_mask_bs = pack_sequences(prompts_bt, prompt_lens_b, out.tokens_bn, out.lengths_b, pad_id)
-    return GenerationOutput(out.tokens_bn, out.lengths_b, sequences_bs, response_mask_bs)
+        return GenerationOutput(out.tokens_br, out.lengths_b)
+    sequences_bs, response_mask_bs = pipeline.pack_sequences(prompts_bt, prompt_lens_b, out.tokens_br, out.lengths_b,
+                                                             pad_id)
+    return GenerationOutput(out.tokens_br, out.lengths_b, sequences_bs, response_mask_bs)
 
 
 def generate(
@@ -247,7 +116,7 @@ def generate(
     rng: jax.Array | None = None,
     *,
     eos_ids: int | Iterable[int] | None = (),
-    pad_id: int = DEFAULT_PAD_ID,
+    pad_id: int = decoding.DEFAULT_PAD_ID,
     cache_len: int | None = None,
     return_sequences: bool = False,
 ) -> GenerationOutput:
@@ -259,13 +128,14 @@ def generate(
     eos_ids: ids that end a row (emitted and counted). cache_len: KV slots (default: the minimum).
     return_sequences: also return packed prompt+response sequences and their response mask.
     """
-    check_sampler(sampler)
+    decoding.check_sampler(sampler)
     cfg = model.cfg
-    batch, prompt_len = check_prompts(cfg, prompts_bt, prompt_lens_b, max_new_tokens)
-    eos = normalize_eos_ids(eos_ids, cfg.vocab_size)
-    cache_len = check_cache_len(cfg, prompt_len, required_cache_len(prompt_len, max_new_tokens), cache_len,
-                                f"generating {max_new_tokens} tokens after prompts of length {prompt_len}")
-    rng = default_rng(rng, sampler)
+    batch, prompt_len = decoding.check_prompts(cfg, prompts_bt, prompt_lens_b, max_new_tokens)
+    eos = decoding.normalize_eos_ids(eos_ids, cfg.vocab_size)
+    what = f"generating {max_new_tokens} tokens after prompts of length {prompt_len}"
+    cache_len = decoding.check_cache_len(cfg, prompt_len, decoding.required_cache_len(prompt_len, max_new_tokens),
+                                         cache_len, what)
+    rng = decoding.default_rng(rng, sampler)
     graphdef, state = nnx.split(model)
     return _generate_jit(
         graphdef, state, jnp.asarray(prompts_bt, jnp.int32), jnp.asarray(prompt_lens_b, jnp.int32), rng,

@@ -12,7 +12,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from distillspec_jax.models.qwen3 import MASK_VALUE, mask_padding_vocab
+# The model's finite minus infinity (its attention masks with it too): exp() of it is exactly 0, and
+# 0 * (MASK_VALUE - MASK_VALUE) stays 0 where -inf would give NaN in p * (log p - log q).
+from distillspec_jax.models.qwen3 import MASK_VALUE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,18 @@ class Sampler:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def mask_padding_vocab(logits_tv: jax.Array, real_vocab_size: int) -> jax.Array:
+    """Sets the logits of vocabulary padding rows (ids >= real_vocab_size) to MASK_VALUE.
+
+    Applied wherever a distribution is formed (divergences, sampling), for target and draft alike:
+    the padding rows of a checkpoint hold untrained weights and must never receive probability mass.
+    """
+    if real_vocab_size >= logits_tv.shape[-1]:
+        return logits_tv
+    real_v = jnp.arange(logits_tv.shape[-1]) < real_vocab_size
+    return jnp.where(real_v, logits_tv, MASK_VALUE)
 
 
 def filtered_logits(logits_bv: jax.Array, sampler: Sampler, real_vocab_size: int) -> jax.Array:

@@ -9,8 +9,8 @@ One block, for every row b at once (design §5):
   4. Each row advances by (accepted + 1) tokens, truncated at its first EOS and at its budget, and
      both caches roll back per row by lowering their lengths.
 
-Dimension letters (style.md): B batch, T positions of one block (γ draft positions, or γ + 1 target
-positions with the bonus), N new tokens (the budget), V vocabulary.
+Dimension letters (style.md): B batch, T prompt positions (right-padded), P positions of one block (γ draft
+proposals, or γ + 1 target positions with the bonus), R new tokens (the response budget), V vocabulary.
 
 Cache bookkeeping. Per row, `committed_b` counts the tokens before `last_b` (the newest emitted token,
 or the last prompt token), and both caches hold valid entries for exactly those. The target verifies
@@ -32,8 +32,9 @@ Statistics (per row, so callers can aggregate over rows and batches; design §5 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -41,15 +42,50 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from distillspec_jax import generate as gen
+from distillspec_jax import checks, decoding
 from distillspec_jax import sampling
+from distillspec_jax.data import pipeline
 from distillspec_jax.models import qwen3
 from distillspec_jax.sampling import Sampler
 
-# Deliberately wrong acceptance rules, for tests only: they show the lossless-sampling test has power.
-#   accept_always: accept every draft token without the ratio test (the output follows q, not p).
-#   resample_from_p: at a rejection draw from p_i instead of norm(max(p_i - q_i, 0)).
-LOSSY_VARIANTS = ("accept_always", "resample_from_p")
+
+@dataclasses.dataclass(frozen=True)
+class AcceptanceRule:
+    """How verification accepts draft tokens and what it emits at the first rejection, per row and position.
+
+    accept(p_x_bp, q_x_bp, u_bp) -> bool [B, γ]: whether x_i passes, from p_i(x_i), q_i(x_i) and a uniform u_i.
+    residual(p_bv, q_bv) -> [B, V] unnormalised weights of the token emitted after a rejection (with q = 0,
+      after a full accept, the bonus token).
+    """
+
+    accept: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+    residual: Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def lossless_accept(p_x_bp: jax.Array, q_x_bp: jax.Array, u_bp: jax.Array) -> jax.Array:
+    """u < min(1, p/q), written without the division: q(x) > 0 because x was drawn from q, and p >= q accepts
+    surely."""
+    return u_bp * q_x_bp < p_x_bp
+
+
+def lossless_residual(p_bv: jax.Array, q_bv: jax.Array) -> jax.Array:
+    """max(p − q, 0), normalised by the draw: the correction that makes the output follow p exactly."""
+    return jnp.maximum(p_bv - q_bv, 0.0)
+
+
+# Name -> rule. "lossless" (Leviathan et al.; Chen et al.) is the one production rule and the default;
+# a lenient (lossy) rule of DistillSpec §5 would be another entry. Tests register deliberately wrong rules
+# to show that the lossless-sampling test has power; they are not part of this module.
+ACCEPTANCE_RULES: dict[str, AcceptanceRule] = {"lossless": AcceptanceRule(lossless_accept, lossless_residual)}
+
+
+def register_acceptance_rule(name: str, rule: AcceptanceRule) -> AcceptanceRule:
+    """Adds `rule` under `name` (refused if the name is taken), so that `speculative_generate(..., acceptance=name)`
+    runs it."""
+    if name in ACCEPTANCE_RULES:
+        raise ValueError(f"acceptance rule {name!r} is already registered")
+    ACCEPTANCE_RULES[name] = rule
+    return rule
 
 # Split of each block's PRNG key: draft proposals, acceptance uniforms, the correction/bonus draw.
 _KEY_DRAFT, _KEY_ACCEPT, _KEY_CORRECTION = range(3)
@@ -70,8 +106,8 @@ class SpeculativeStats(NamedTuple):
 
 
 class SpeculativeOutput(NamedTuple):
-    """tokens: [B, N] int32 (pad_id after the end); lengths: [B] int32; stats: per-row counters;
-    sequences / response_mask: [B, T + N] as in `generate.GenerationOutput` when requested, else None."""
+    """tokens: [B, R] int32 (pad_id after the end); lengths: [B] int32; stats: per-row counters;
+    sequences / response_mask: [B, T + R] as in `generate.GenerationOutput` when requested, else None."""
 
     tokens: jax.Array
     lengths: jax.Array
@@ -88,16 +124,10 @@ class _BlockCarry(NamedTuple):
     committed_b: jax.Array  # tokens before last_b, all held by both caches (target's true length)
     last_b: jax.Array  # newest token, not yet in either cache
     prev_b: jax.Array  # the token before last_b (meaningful when committed_b >= 1)
-    tokens_bn: jax.Array  # [B, N + γ + 1] output buffer; the slack absorbs a whole block's write at any start
+    tokens_br: jax.Array  # [B, R + γ + 1] output buffer; the slack absorbs a whole block's write at any start
     done_b: jax.Array  # bool: the row emitted EOS or reached its budget
     block: jax.Array  # [] int32, iterations so far (keys each block's randomness)
     stats: SpeculativeStats
-
-
-def required_cache_len(prompt_len: int, max_new_tokens: int, gamma: int) -> int:
-    """KV slots a run needs. An active row has emitted e <= N - 1 tokens, so committed <= T + N - 2, and the
-    target writes γ + 1 slots from there (finished rows stop advancing, so they never go further)."""
-    return prompt_len + max_new_tokens + gamma - 1
 
 
 def _propose(rng: jax.Array, logits_bv: jax.Array, sampler: Sampler, real_v: int) -> tuple[jax.Array, jax.Array | None]:
@@ -108,7 +138,7 @@ def _propose(rng: jax.Array, logits_bv: jax.Array, sampler: Sampler, real_v: int
 
 def _draft_block(draft: qwen3.Qwen3, cache: qwen3.KVCache, committed_b, prev_b, last_b, rng, gamma: int,
                  sampler: Sampler):
-    """The draft's γ proposals: x_bt [B, γ], q_btv [B, γ, V] (None when greedy), and its advanced cache."""
+    """The draft's γ proposals: x_bp [B, γ], q_bpv [B, γ, V] (None when greedy), and its advanced cache."""
     real_v = draft.cfg.real_vocab_size
     has_prev_b = committed_b >= 1
     # First step: [prev, last] from slot committed - 1, which also (re)writes prev (see the module docstring).
@@ -126,45 +156,40 @@ def _draft_block(draft: qwen3.Qwen3, cache: qwen3.KVCache, committed_b, prev_b, 
         x_b, q_bv = _propose(jax.random.fold_in(rng, i), logits_b1v[:, 0], sampler, real_v)
         return (cache, x_b), (x_b, q_bv)
 
-    (cache, _), (x_tb, q_tbv) = jax.lax.scan(one_step, (cache, x1_b), jnp.arange(1, gamma))
-    x_bt = jnp.concatenate([x1_b[:, None], x_tb.T], axis=1)
-    q_btv = None if q1_bv is None else jnp.concatenate([q1_bv[:, None], jnp.swapaxes(q_tbv, 0, 1)], axis=1)
-    return x_bt, q_btv, cache
+    (cache, _), (x_pb, q_pbv) = jax.lax.scan(one_step, (cache, x1_b), jnp.arange(1, gamma))
+    x_bp = jnp.concatenate([x1_b[:, None], x_pb.T], axis=1)
+    q_bpv = None if q1_bv is None else jnp.concatenate([q1_bv[:, None], jnp.swapaxes(q_pbv, 0, 1)], axis=1)
+    return x_bp, q_bpv, cache
 
 
-def _verify(logits_btv: jax.Array, x_bt: jax.Array, q_btv: jax.Array | None, rng: jax.Array, sampler: Sampler,
-            real_v: int, lossy_variant: str | None) -> tuple[jax.Array, jax.Array]:
-    """Modified rejection sampling. logits_btv: target logits [B, γ+1, V]. Returns (n_b accepted, y_b emitted)."""
-    gamma = x_bt.shape[1]
+def _verify(logits_bpv: jax.Array, x_bp: jax.Array, q_bpv: jax.Array | None, rng: jax.Array, sampler: Sampler,
+            real_v: int, rule: AcceptanceRule) -> tuple[jax.Array, jax.Array]:
+    """Modified rejection sampling. logits_bpv: target logits [B, γ+1, V]. Returns (n_b accepted, y_b emitted)."""
+    gamma = x_bp.shape[1]
     key_accept, key_correction = jax.random.fold_in(rng, _KEY_ACCEPT), jax.random.fold_in(rng, _KEY_CORRECTION)
     if sampler.greedy:
-        # Temperature 0: p is one-hot at the target's argmax, so min(1, p/q) is 1 iff x_i = argmax p_i, and
-        # norm(max(p - q, 0)) at a mismatch is that same one-hot: emit the target's argmax.
-        target_argmax_bt = jnp.argmax(sampling.filtered_logits(logits_btv, sampler, real_v), axis=-1).astype(jnp.int32)
-        accept_bt = x_bt == target_argmax_bt[:, :gamma]
-        if lossy_variant == "accept_always":
-            accept_bt = jnp.ones_like(accept_bt)
-        n_b = jnp.sum(jnp.cumprod(accept_bt.astype(jnp.int32), axis=1), axis=1)
-        return n_b, jnp.take_along_axis(target_argmax_bt, n_b[:, None], axis=1)[:, 0]
-
-    p_btv = sampling.probs(logits_btv, sampler, real_v)
-    p_x_bt = jnp.take_along_axis(p_btv[:, :gamma], x_bt[..., None], axis=-1)[..., 0]
-    q_x_bt = jnp.take_along_axis(q_btv, x_bt[..., None], axis=-1)[..., 0]
-    u_bt = jax.random.uniform(key_accept, x_bt.shape)
-    # u < p/q written without the division: q(x) > 0 because x was drawn from q, and p >= q accepts surely.
-    accept_bt = u_bt * q_x_bt < p_x_bt
-    if lossy_variant == "accept_always":
-        accept_bt = jnp.ones_like(accept_bt)
-    n_b = jnp.sum(jnp.cumprod(accept_bt.astype(jnp.int32), axis=1), axis=1)
+        # Temperature 0: p and q are one-hot at their argmax, so p(x) = 1[x = argmax p], q(x) = 1, and no uniform
+        # is drawn (u = 0: the lossless test accepts iff x_i = argmax p_i). norm(max(p - q, 0)) at a mismatch is
+        # that same one-hot: emit the target's argmax.
+        target_argmax_bp = jnp.argmax(sampling.filtered_logits(logits_bpv, sampler, real_v), axis=-1).astype(jnp.int32)
+        p_x_bp = (x_bp == target_argmax_bp[:, :gamma]).astype(jnp.float32)
+        q_x_bp, u_bp = jnp.ones_like(p_x_bp), jnp.zeros_like(p_x_bp)
+    else:
+        p_bpv = sampling.probs(logits_bpv, sampler, real_v)
+        p_x_bp = jnp.take_along_axis(p_bpv[:, :gamma], x_bp[..., None], axis=-1)[..., 0]
+        q_x_bp = jnp.take_along_axis(q_bpv, x_bp[..., None], axis=-1)[..., 0]
+        u_bp = jax.random.uniform(key_accept, x_bp.shape)
+    accept_bp = rule.accept(p_x_bp, q_x_bp, u_bp)
+    n_b = jnp.sum(jnp.cumprod(accept_bp.astype(jnp.int32), axis=1), axis=1)  # the leading accepts
+    if sampler.greedy:
+        return n_b, jnp.take_along_axis(target_argmax_bp, n_b[:, None], axis=1)[:, 0]
 
     # The residual at index n: norm(max(p_n - q_n, 0)) after a rejection; with q padded by a zero
     # distribution at index γ, the same formula yields p_{γ+1} for the bonus token after a full accept.
-    q_padded_btv = jnp.concatenate([q_btv, jnp.zeros_like(q_btv[:, :1])], axis=1)
-    p_n_bv = jnp.take_along_axis(p_btv, n_b[:, None, None], axis=1)[:, 0]
-    q_n_bv = jnp.take_along_axis(q_padded_btv, n_b[:, None, None], axis=1)[:, 0]
-    residual_bv = jnp.maximum(p_n_bv - q_n_bv, 0.0)
-    if lossy_variant == "resample_from_p":
-        residual_bv = p_n_bv
+    q_padded_bpv = jnp.concatenate([q_bpv, jnp.zeros_like(q_bpv[:, :1])], axis=1)
+    p_n_bv = jnp.take_along_axis(p_bpv, n_b[:, None, None], axis=1)[:, 0]
+    q_n_bv = jnp.take_along_axis(q_padded_bpv, n_b[:, None, None], axis=1)[:, 0]
+    residual_bv = rule.residual(p_n_bv, q_n_bv)
     # A rejection implies p(x) < q(x), hence some mass where p > q; only rounding can leave none, and then
     # p itself is the (indistinguishable) answer.
     residual_bv = jnp.where(jnp.sum(residual_bv, axis=-1, keepdims=True) > 0, residual_bv, p_n_bv)
@@ -177,19 +202,19 @@ def _verify(logits_btv: jax.Array, x_bt: jax.Array, q_btv: jax.Array | None, rng
     jax.jit,
     static_argnums=(0, 1),
     static_argnames=("gamma", "max_new_tokens", "sampler", "eos_ids", "pad_id", "cache_len", "return_sequences",
-                     "lossy_variant"),
+                     "acceptance"),
 )
 def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state, prompts_bt, prompt_lens_b, rng, *,
                      gamma: int, max_new_tokens: int, sampler: Sampler, eos_ids: tuple[int, ...], pad_id: int,
-                     cache_len: int, return_sequences: bool, lossy_variant: str | None) -> SpeculativeOutput:
+                     cache_len: int, return_sequences: bool, acceptance: str) -> SpeculativeOutput:
     target = nnx.merge(target_graphdef, target_state)
     draft = nnx.merge(draft_graphdef, draft_state)
     real_v = target.cfg.real_vocab_size
     batch = prompts_bt.shape[0]
-    t_1t = jnp.arange(gamma + 1)[None, :]
+    i_1p = jnp.arange(gamma + 1)[None, :]
 
-    target_cache, last_b = gen.prefill(target, prompts_bt, prompt_lens_b, cache_len)
-    draft_cache, _ = gen.prefill(draft, prompts_bt, prompt_lens_b, cache_len)
+    target_cache, last_b = decoding.prefill(target, prompts_bt, prompt_lens_b, cache_len)
+    draft_cache, _ = decoding.prefill(draft, prompts_bt, prompt_lens_b, cache_len)
     prev_b = jnp.take_along_axis(prompts_bt, jnp.maximum(prompt_lens_b - 2, 0)[:, None], axis=1)[:, 0]
 
     def body(c: _BlockCarry) -> _BlockCarry:
@@ -197,32 +222,32 @@ def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state,
         active_b = ~c.done_b
         emitted_b = c.stats.emitted
 
-        x_bt, q_btv, draft_cache = _draft_block(draft, c.draft_cache, c.committed_b, c.prev_b, c.last_b,
+        x_bp, q_bpv, draft_cache = _draft_block(draft, c.draft_cache, c.committed_b, c.prev_b, c.last_b,
                                                 jax.random.fold_in(key, _KEY_DRAFT), gamma, sampler)
         # The target's single call: [last, x_1..x_γ] at slots committed..committed+γ (its cache length).
-        logits_btv, target_cache = target.step(jnp.concatenate([c.last_b[:, None], x_bt], axis=1), c.target_cache)
-        n_b, y_b = _verify(logits_btv, x_bt, q_btv, key, sampler, real_v, lossy_variant)
+        logits_bpv, target_cache = target.step(jnp.concatenate([c.last_b[:, None], x_bp], axis=1), c.target_cache)
+        n_b, y_b = _verify(logits_bpv, x_bp, q_bpv, key, sampler, real_v, ACCEPTANCE_RULES[acceptance])
 
         # Tokens this block would emit: x_1..x_n then y; cut after the first EOS and at the budget.
-        x_padded_bt = jnp.concatenate([x_bt, jnp.zeros_like(x_bt[:, :1])], axis=1)
-        candidates_bt = jnp.where(t_1t < n_b[:, None], x_padded_bt, y_b[:, None])
-        eos_bt = gen.is_eos(candidates_bt, eos_ids) & (t_1t <= n_b[:, None])
-        up_to_eos_b = jnp.where(jnp.any(eos_bt, axis=1), jnp.argmax(eos_bt, axis=1) + 1, n_b + 1)
+        x_padded_bp = jnp.concatenate([x_bp, jnp.zeros_like(x_bp[:, :1])], axis=1)
+        candidates_bp = jnp.where(i_1p < n_b[:, None], x_padded_bp, y_b[:, None])
+        eos_bp = decoding.is_eos(candidates_bp, eos_ids) & (i_1p <= n_b[:, None])
+        up_to_eos_b = jnp.where(jnp.any(eos_bp, axis=1), jnp.argmax(eos_bp, axis=1) + 1, n_b + 1)
         count_b = jnp.minimum(up_to_eos_b, max_new_tokens - emitted_b)
         count_b = jnp.where(active_b, count_b, 0)
-        block_out_bt = jnp.where(t_1t < count_b[:, None], candidates_bt, pad_id)
+        block_out_bp = jnp.where(i_1p < count_b[:, None], candidates_bp, pad_id)
         # Everything at and beyond a row's emitted count is pad, so writing the whole padded block is safe;
-        # the buffer's γ + 1 slack keeps the start unclamped even for finished rows (emitted = N).
-        tokens_bn = jax.vmap(lambda row, new, start: jax.lax.dynamic_update_slice_in_dim(row, new, start, axis=0))(
-            c.tokens_bn, block_out_bt, emitted_b)
+        # the buffer's γ + 1 slack keeps the start unclamped even for finished rows (emitted = R).
+        tokens_br = jax.vmap(lambda row, new, start: jax.lax.dynamic_update_slice_in_dim(row, new, start, axis=0))(
+            c.tokens_br, block_out_bp, emitted_b)
 
         new_emitted_b = emitted_b + count_b
-        hit_eos_b = jnp.any(eos_bt & (t_1t < count_b[:, None]), axis=1)
+        hit_eos_b = jnp.any(eos_bp & (i_1p < count_b[:, None]), axis=1)
         done_b = c.done_b | hit_eos_b | (new_emitted_b >= max_new_tokens)
         # Roll back: keep the old last token and the n accepted drafts; y becomes the new uncached last.
         # Finished rows stay where they are, which keeps every later write inside the cache.
         committed_b = jnp.where(active_b & ~done_b, c.committed_b + 1 + n_b, c.committed_b)
-        prev_b = jnp.where(n_b >= 1, jnp.take_along_axis(x_padded_bt, jnp.maximum(n_b - 1, 0)[:, None], axis=1)[:, 0],
+        prev_b = jnp.where(n_b >= 1, jnp.take_along_axis(x_padded_bp, jnp.maximum(n_b - 1, 0)[:, None], axis=1)[:, 0],
                            c.last_b)
 
         active_i = active_b.astype(jnp.int32)
@@ -233,7 +258,7 @@ def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state,
             proposed=s.proposed + gamma * active_i,
             accepted=s.accepted + n_b * active_i,
             emitted=new_emitted_b,
-            accepted_at=s.accepted_at + ((t_1t[:, :gamma] < n_b[:, None]) & active_b[:, None]).astype(jnp.int32),
+            accepted_at=s.accepted_at + ((i_1p[:, :gamma] < n_b[:, None]) & active_b[:, None]).astype(jnp.int32),
             batch_blocks=s.batch_blocks + 1,
         )
         return _BlockCarry(
@@ -242,7 +267,7 @@ def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state,
             committed_b=committed_b,
             last_b=y_b,
             prev_b=prev_b,
-            tokens_bn=tokens_bn,
+            tokens_br=tokens_br,
             done_b=done_b,
             block=c.block + 1,
             stats=stats,
@@ -255,25 +280,25 @@ def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state,
         committed_b=prompt_lens_b - 1,
         last_b=last_b,
         prev_b=prev_b,
-        tokens_bn=jnp.full((batch, max_new_tokens + gamma + 1), pad_id, jnp.int32),
+        tokens_br=jnp.full((batch, max_new_tokens + gamma + 1), pad_id, jnp.int32),
         done_b=jnp.zeros((batch,), bool),
         block=jnp.zeros((), jnp.int32),
         stats=SpeculativeStats(zeros_b, zeros_b, zeros_b, zeros_b, zeros_b, jnp.zeros((batch, gamma), jnp.int32),
                                zeros_b),
     )
-    # Every active row emits at least one token per block, so the loop ends within N iterations.
+    # Every active row emits at least one token per block, so the loop ends within R iterations.
     out = jax.lax.while_loop(lambda c: ~jnp.all(c.done_b), body, init)
-    tokens_bn = out.tokens_bn[:, :max_new_tokens]
+    tokens_br = out.tokens_br[:, :max_new_tokens]
     lengths_b = out.stats.emitted
     if not return_sequences:
-        return SpeculativeOutput(tokens_bn, lengths_b, out.stats)
-    sequences_bs, response_mask_bs = gen.pack_sequences(prompts_bt, prompt_lens_b, tokens_bn, lengths_b, pad_id)
-    return SpeculativeOutput(tokens_bn, lengths_b, out.stats, sequences_bs, response_mask_bs)
+        return SpeculativeOutput(tokens_br, lengths_b, out.stats)
+    sequences_bs, response_mask_bs = pipeline.pack_sequences(prompts_bt, prompt_lens_b, tokens_br, lengths_b, pad_id)
+    return SpeculativeOutput(tokens_br, lengths_b, out.stats, sequences_bs, response_mask_bs)
 
 
 def check_pair(target: qwen3.Qwen3, draft: qwen3.Qwen3) -> None:
     """Draft and target must share one vocabulary: rejection sampling compares p and q id by id."""
-    qwen3.check_same_vocabulary(draft.cfg, target.cfg, "target", "speculative decoding")
+    checks.check_same_vocabulary(draft.cfg, target.cfg, "target", "speculative decoding")
 
 
 def speculative_generate(
@@ -287,38 +312,39 @@ def speculative_generate(
     rng: jax.Array | None = None,
     *,
     eos_ids: int | Iterable[int] | None = (),
-    pad_id: int = gen.DEFAULT_PAD_ID,
+    pad_id: int = decoding.DEFAULT_PAD_ID,
     cache_len: int | None = None,
     return_sequences: bool = False,
-    lossy_variant: str | None = None,
+    acceptance: str = "lossless",
 ) -> SpeculativeOutput:
     """Samples up to `max_new_tokens` tokens per prompt from the target, proposing γ at a time with the draft.
 
     prompts_bt: [B, T] right-padded ids; prompt_lens_b: [B], each in [1, T]. gamma: draft tokens per block.
     The output has the target's distribution (exactly its greedy output at temperature 0).
-    cache_len: KV slots of both caches (default: `required_cache_len`). lossy_variant: tests only.
+    cache_len: KV slots of both caches (default: `decoding.required_cache_len`).
+    acceptance: a name in ACCEPTANCE_RULES; "lossless" (the default) is the rule above.
     Everything is validated on the host before tracing.
     """
     if not isinstance(gamma, (int, np.integer)) or isinstance(gamma, bool) or gamma < 1:
         raise ValueError(f"gamma (draft tokens per block) must be an integer >= 1, got {gamma!r}")
-    if lossy_variant is not None and lossy_variant not in LOSSY_VARIANTS:
-        raise ValueError(f"lossy_variant must be None or one of {LOSSY_VARIANTS}, got {lossy_variant!r}")
-    gen.check_sampler(sampler)
+    if acceptance not in ACCEPTANCE_RULES:
+        raise ValueError(f"acceptance must be one of {sorted(ACCEPTANCE_RULES)}, got {acceptance!r}")
+    decoding.check_sampler(sampler)
     check_pair(target, draft)
-    _, prompt_len = gen.check_prompts(target.cfg, prompts_bt, prompt_lens_b, max_new_tokens)
-    eos = gen.normalize_eos_ids(eos_ids, target.cfg.vocab_size)
-    required = required_cache_len(prompt_len, max_new_tokens, gamma)
+    _, prompt_len = decoding.check_prompts(target.cfg, prompts_bt, prompt_lens_b, max_new_tokens)
+    eos = decoding.normalize_eos_ids(eos_ids, target.cfg.vocab_size)
+    required = decoding.required_cache_len(prompt_len, max_new_tokens, gamma)
     what = f"speculative decoding with gamma={gamma}, prompts of length {prompt_len} and {max_new_tokens} new tokens"
-    cache_len = gen.check_cache_len(target.cfg, prompt_len, required, cache_len, what)
-    gen.check_cache_len(draft.cfg, prompt_len, required, cache_len, what)
-    rng = gen.default_rng(rng, sampler)
+    cache_len = decoding.check_cache_len(target.cfg, prompt_len, required, cache_len, what)
+    decoding.check_cache_len(draft.cfg, prompt_len, required, cache_len, what)
+    rng = decoding.default_rng(rng, sampler)
     target_graphdef, target_state = nnx.split(target)
     draft_graphdef, draft_state = nnx.split(draft)
     return _speculative_jit(
         target_graphdef, draft_graphdef, target_state, draft_state,
         jnp.asarray(prompts_bt, jnp.int32), jnp.asarray(prompt_lens_b, jnp.int32), rng,
         gamma=int(gamma), max_new_tokens=int(max_new_tokens), sampler=sampler, eos_ids=eos, pad_id=int(pad_id),
-        cache_len=cache_len, return_sequences=bool(return_sequences), lossy_variant=lossy_variant,
+        cache_len=cache_len, return_sequences=bool(return_sequences), acceptance=acceptance,
     )
 
 

@@ -33,6 +33,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from distillspec_jax import checks
 from distillspec_jax import divergences as dv
 from distillspec_jax import sharding as shd
 from distillspec_jax import tracking
@@ -164,9 +165,9 @@ class Distiller:
         if self.spec.adaspec and reference is None:
             raise ValueError("adaspec_fraction is set: AdaSPEC needs the reference draft (same init, distilled with FKL)")
         if target is not None:
-            qwen3.check_same_vocabulary(draft.cfg, target.cfg, "target", "distillation")
+            checks.check_same_vocabulary(draft.cfg, target.cfg, "target", "distillation")
         if reference is not None:
-            qwen3.check_same_vocabulary(draft.cfg, reference.cfg, "reference draft", "AdaSPEC's loss gap")
+            checks.check_same_vocabulary(draft.cfg, reference.cfg, "reference draft", "AdaSPEC's loss gap")
         self.draft_cfg = draft.cfg
         self.real_vocab_size = draft.cfg.real_vocab_size
         # RoPE would run past the positions the models were trained for without any error: refuse it.
@@ -242,7 +243,7 @@ class Distiller:
             raise ValueError(f"batches of {shape[1]} positions exceed the models' max_position_embeddings="
                              f"{self.max_positions}; shorten the sequences (in main.py: data.max_prompt_len, "
                              "data.max_response_len or generator.max_new_tokens)")
-        qwen3.check_token_ids(self.draft_cfg, batch["tokens"], "the batch's tokens")
+        checks.check_token_ids(self.draft_cfg, batch["tokens"], "the batch's tokens")
         accum = self.cfg.grad_accum_steps
         if shape[0] % accum:
             raise ValueError(f"global batch {shape[0]} does not split into grad_accum_steps={accum} micro-batches")
@@ -271,7 +272,7 @@ class Distiller:
             reference_head, reference_h_btd = reference.logits, jax.lax.stop_gradient(reference.hidden_states(tokens_bt))
         draft_h_btd = draft.hidden_states(tokens_bt, remat=self.cfg.remat)
         return dv.token_values(self.spec, self.real_vocab_size, draft.logits, draft_h_btd,
-                               target_head, target_h_btd, dv.next_token_labels(tokens_bt),
+                               target_head, target_h_btd, dv.next_token_shift(tokens_bt),
                                reference_head, reference_h_btd)
 
     def _loss_sum(self, params, target_params, reference_params, tokens_bt, loss_mask_bt, weights_bt):

@@ -21,7 +21,7 @@ import pytest
 
 from configs import jsd
 from distillspec_jax import aot
-from distillspec_jax.models import qwen3
+from distillspec_jax.models import convert, qwen3
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(
@@ -38,7 +38,7 @@ DRAFT = dataclasses.replace(TARGET, num_hidden_layers=1, tie_word_embeddings=Tru
 def _model_dir(root: pathlib.Path, name: str, cfg: qwen3.Qwen3Config) -> str:
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    (folder / "config.json").write_text(json.dumps(convert.to_hf_config(cfg)))
     return str(folder)
 
 

@@ -14,7 +14,6 @@ from flax import nnx
 
 from distillspec_jax import sharding as shd
 from distillspec_jax.models import convert, qwen3
-from distillspec_jax.models.safetensors_io import SafetensorsFile, write
 from tests.tiny import TINY_BASE, hf_logits, hf_qwen3
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _tensors(folder) -> dict[str, np.ndarray]:
     located = convert._open_weights(folder)
-    return {name: np.asarray(st[name]) for name, st in located.items()}
+    return {name: st.get_tensor(name) for name, st in located.items()}
 
 
 def _flat_params(model) -> dict:
@@ -141,7 +140,7 @@ def test_tensor_shape_mismatch_names_tensor_and_shapes(tiny_checkpoints, tmp_pat
     shutil.copytree(tiny_checkpoints["untied_gqa"], folder)
     tensors = _tensors(folder)
     tensors["model.layers.1.mlp.up_proj.weight"] = np.zeros((100, 64), np.float32)
-    write(folder / "model.safetensors", tensors)
+    convert.write_safetensors(folder / "model.safetensors", tensors)
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has shape \(100, 64\).*\(128, 64\)"):
         convert.load_hf(folder)
 
@@ -166,7 +165,7 @@ def test_tied_checkpoint_with_different_head_is_refused(tiny_checkpoints, tmp_pa
     shutil.copytree(tiny_checkpoints["tied_gqa"], folder)
     tensors = _tensors(folder)
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] + 1.0
-    write(folder / "model.safetensors", tensors)
+    convert.write_safetensors(folder / "model.safetensors", tensors)
     with pytest.raises(ValueError, match="lm_head.weight differs"):
         convert.load_hf(folder)
 
@@ -177,16 +176,17 @@ def test_mesh_that_does_not_divide_a_parameter_is_refused(tiny_checkpoints):
 
 
 def test_safetensors_reader_handles_bfloat16(tmp_path):
+    """The safetensors package's NumPy backend, which convert reads and writes with, keeps bfloat16 (whole
+    tensors and slices), so no hand-written reader is needed."""
     import ml_dtypes
 
     arr = np.arange(12, dtype=np.float32).reshape(3, 4).astype(ml_dtypes.bfloat16)
-    write(tmp_path / "x.safetensors", {"x": arr, "y": np.ones((2,), np.int64)})
-    st = SafetensorsFile(tmp_path / "x.safetensors")
-    assert st["x"].dtype == ml_dtypes.bfloat16 and np.array_equal(st["x"], arr)
-    from safetensors import safe_open  # the reference reader agrees on the layout (it lacks NumPy bf16)
-
-    with safe_open(str(tmp_path / "x.safetensors"), framework="numpy") as f:
-        assert np.array_equal(f.get_tensor("y"), np.ones((2,), np.int64))
+    convert.write_safetensors(tmp_path / "x.safetensors", {"x": arr, "y": np.ones((2,), np.int64)})
+    st = convert._open_weights(tmp_path)["x"]
+    assert st.get_tensor("x").dtype == ml_dtypes.bfloat16 and np.array_equal(st.get_tensor("x"), arr)
+    assert convert.tensor_shape(st, "x") == (3, 4) and np.array_equal(st.get_slice("x")[1:, 2:], arr[1:, 2:])
+    assert st.metadata() == {"format": "pt"}  # what transformers requires of the files it loads
+    assert np.array_equal(st.get_tensor("y"), np.ones((2,), np.int64))
     assert qwen3.resolve_dtype("bfloat16") == jnp.bfloat16
 
 
@@ -208,3 +208,21 @@ def test_orbax_folder_written_before_layers_were_stacked_still_loads(tiny_checkp
     restored = convert.load_orbax(old)
     tokens = jnp.asarray(np.random.RandomState(5).randint(0, TINY_BASE["vocab_size"], (2, 9)))
     np.testing.assert_array_equal(np.asarray(restored(tokens)), np.asarray(model(tokens)))
+
+
+def test_from_hf_config_reads_both_rope_layouts_and_rejects_other_models(tmp_path):
+    base = {**TINY_BASE, "model_type": "qwen3", "num_attention_heads": 4, "num_key_value_heads": 2}
+    old = {**base, "rope_theta": 5000.0}
+    new = {**{k: v for k, v in base.items() if k != "rope_theta"},
+           "rope_parameters": {"rope_theta": 7000.0, "rope_type": "default"}}
+    assert convert.from_hf_config(old).rope_theta == 5000.0
+    assert convert.from_hf_config(new).rope_theta == 7000.0
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    assert convert.from_hf_config(str(path)).hidden_size == TINY_BASE["hidden_size"]
+    with pytest.raises(ValueError, match="model_type is 'llama'"):
+        convert.from_hf_config({**old, "model_type": "llama"})
+    with pytest.raises(ValueError, match="RoPE scaling"):
+        convert.from_hf_config({**old, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        convert.from_hf_config(old, dtype="fp8")

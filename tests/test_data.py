@@ -222,8 +222,8 @@ def test_padding_gives_static_shapes_and_bucketing_reduces_waste():
 
 
 def test_sequences_put_each_response_right_after_its_prompt():
-    batch = pipeline.pack_sequences([np.array([1, 2, 3]), np.array([4])], [np.array([7, 8]), np.array([9, 9, 9])],
-                                    pad_id=0, pad_multiple=4)
+    batch = pipeline.pack_examples([np.array([1, 2, 3]), np.array([4])], [np.array([7, 8]), np.array([9, 9, 9])],
+                                   pad_id=0, pad_multiple=4)
     assert batch["tokens"].tolist() == [[1, 2, 3, 7, 8, 0, 0, 0], [4, 9, 9, 9, 0, 0, 0, 0]]
     assert batch["response_mask"].tolist() == [[0, 0, 0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0, 0, 0]]
     prompts = pipeline.pad_prompts([np.array([1, 2, 3]), np.array([4])], 5, pad_id=0)

@@ -360,6 +360,6 @@ def test_bad_loss_config_raises(kwargs, message):
 def test_next_token_alignment():
     tokens = jnp.array([[5, 6, 7, 8, 0]])
     response = jnp.array([[0, 0, 1, 1, 0]])  # prompt 5 6, response 7 8, padding
-    np.testing.assert_array_equal(np.asarray(dv.next_token_labels(tokens)), [[6, 7, 8, 0, 0]])
+    np.testing.assert_array_equal(np.asarray(dv.next_token_shift(tokens)), [[6, 7, 8, 0, 0]])
     # Position 1 generates token 7 and position 2 generates token 8: those are trained.
     np.testing.assert_array_equal(np.asarray(dv.next_token_loss_mask(response)), [[0, 1, 1, 0, 0]])

@@ -222,6 +222,21 @@ def test_batch_must_divide_the_mesh():
         experiment.check_mesh(c, mesh)
 
 
+def test_same_vocabulary_check_reads_configs_and_stored_fields_alike():
+    """The one vocabulary check takes a Qwen3Config or the fields stored with a converted model; an unset
+    num_real_tokens means every row is real, so it equals num_real_tokens = vocab_size."""
+    import dataclasses
+
+    from distillspec_jax.models import qwen3
+
+    cfg = qwen3.Qwen3Config(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=4)
+    checks.check_same_vocabulary(cfg, dataclasses.asdict(cfg.replace(num_real_tokens=64)), "target", "a test")
+    for other in (cfg.replace(num_real_tokens=60), dataclasses.asdict(cfg.replace(vocab_size=128))):
+        with pytest.raises(ValueError, match="vocabularies differ"):
+            checks.check_same_vocabulary(cfg, other, "target", "a test")
+
+
 def test_prepare_refuses_different_vocabularies(tmp_path):
     c = jsd.get_config("test")
     c.target.model = str(write_hf_checkpoint(tmp_path / "target", seed=0, num_attention_heads=4, num_key_value_heads=2))

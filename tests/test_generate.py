@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from distillspec_jax import decoding
 from distillspec_jax import generate as gen
 from distillspec_jax import sampling
 from distillspec_jax.sampling import Sampler
@@ -25,7 +26,7 @@ def model():
     return make_model(0)
 
 
-def reference_decode(model, prompts_bt, lens_b, budget, sampler, rng, eos_ids=(), pad_id=gen.DEFAULT_PAD_ID):
+def reference_decode(model, prompts_bt, lens_b, budget, sampler, rng, eos_ids=(), pad_id=decoding.DEFAULT_PAD_ID):
     """Step i: one full causal forward over prompt + tokens so far, then `sampling.sample` with key
     fold_in(rng, i) at each row's last position; rows stop after an EOS. No cache anywhere."""
     batch, prompt_len = prompts_bt.shape

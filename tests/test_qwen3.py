@@ -1,7 +1,5 @@
 """The Flax Qwen3 computes what transformers' PyTorch Qwen3 computes: one pass, cached decode, ragged batches."""
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,15 +115,6 @@ def test_bfloat16_compute_is_close_to_float32(tiny_checkpoints):
         assert np.mean(np.argmax(np.asarray(out), -1) == np.argmax(ref, -1)) > 0.9
 
 
-def test_mask_padding_vocab_removes_padding_rows():
-    logits = jnp.arange(12, dtype=jnp.float32).reshape(2, 6)
-    masked = qwen3.mask_padding_vocab(logits, real_vocab_size=4)
-    probs = jax.nn.softmax(masked, axis=-1)
-    assert np.all(np.asarray(probs)[:, 4:] == 0.0)
-    assert np.allclose(np.asarray(probs).sum(-1), 1.0)
-    assert np.array_equal(np.asarray(masked)[:, :4], np.asarray(logits)[:, :4])
-
-
 def test_presets_match_published_shapes():
     """Parameter counts of the presets agree with the published sizes (non-embedding and total)."""
     published_total = {"Qwen3-0.6B": 0.6e9, "Qwen3-1.7B": 1.7e9, "Qwen3-4B": 4.0e9, "Qwen3-8B": 8.2e9,
@@ -140,28 +129,10 @@ def test_presets_match_published_shapes():
         qwen3.preset("Qwen3-7B")
 
 
-def test_from_hf_config_reads_both_rope_layouts_and_rejects_other_models(tmp_path):
-    base = {**TINY_BASE, "model_type": "qwen3", "num_attention_heads": 4, "num_key_value_heads": 2}
-    old = {**base, "rope_theta": 5000.0}
-    new = {**{k: v for k, v in base.items() if k != "rope_theta"},
-           "rope_parameters": {"rope_theta": 7000.0, "rope_type": "default"}}
-    assert qwen3.from_hf_config(old).rope_theta == 5000.0
-    assert qwen3.from_hf_config(new).rope_theta == 7000.0
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(old))
-    assert qwen3.from_hf_config(str(path)).hidden_size == TINY_BASE["hidden_size"]
-    with pytest.raises(ValueError, match="model_type is 'llama'"):
-        qwen3.from_hf_config({**old, "model_type": "llama"})
-    with pytest.raises(ValueError, match="RoPE scaling"):
-        qwen3.from_hf_config({**old, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
-    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
-        qwen3.from_hf_config(old, dtype="fp8")
-
-
 @pytest.mark.slow
 def test_real_qwen3_0_6b_shape_matches_hf(tmp_path):
     """One parity run at the exact Qwen3-0.6B shape (random weights, real vocabulary and head layout)."""
-    cfg = qwen3.preset("Qwen3-0.6B").to_hf_dict()
+    cfg = convert.to_hf_config(qwen3.preset("Qwen3-0.6B"))
     fields = {k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                   "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings",
                                   "max_position_embeddings", "rope_theta")}

@@ -65,7 +65,7 @@ def _snapshot(hf_home: pathlib.Path, hub_id: str, repo_type: str = "model") -> p
 def _hub_embedding(snapshot: pathlib.Path) -> np.ndarray:
     """model.embed_tokens.weight of a cached checkpoint, whichever shard holds it, as float32."""
     name = "model.embed_tokens.weight"
-    return np.asarray(convert._open_weights(snapshot)[name][name], np.float32)
+    return np.asarray(convert._open_weights(snapshot)[name].get_tensor(name), np.float32)
 
 
 def _run_offline(workdir, divergence: str, preset: str, hf_home: pathlib.Path, xla_cache: pathlib.Path):
@@ -100,7 +100,7 @@ def _check_run(workdir: pathlib.Path, stdout: str, divergence: str, preset: str,
     assert int(line.group(7)) == fake_hub.QWEN3_VOCAB_SIZE
     for hub_id, millions in ((target_id, line.group(1)), (draft_id, line.group(4))):
         located = convert._open_weights(_snapshot(hf_home, hub_id))
-        n_params = sum(int(np.prod(f.shape(name))) for name, f in located.items())  # tied: no lm_head stored
+        n_params = sum(int(np.prod(convert.tensor_shape(f, name))) for name, f in located.items())  # tied: no lm_head
         assert millions == f"{n_params / 1e6:.2f}", hub_id
 
     stored = json.loads((workdir / "config.json").read_text())

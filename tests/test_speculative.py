@@ -20,6 +20,7 @@ import pytest
 import scipy.stats
 from flax import nnx
 
+from distillspec_jax import decoding
 from distillspec_jax import generate as gen
 from distillspec_jax import sampling
 from distillspec_jax import speculative as spec
@@ -208,6 +209,15 @@ def first_two_counts(tokens_bn: np.ndarray, vocab: int) -> np.ndarray:
     return counts
 
 
+# Deliberately wrong acceptance rules, registered here and not in production code: they show the
+# lossless-sampling test has power.
+#   accept_always: accept every draft token without the ratio test (the output follows q, not p).
+#   resample_from_p: at a rejection draw from p_i instead of norm(max(p_i - q_i, 0)).
+spec.register_acceptance_rule("accept_always", spec.AcceptanceRule(
+    accept=lambda p_x_bt, q_x_bt, u_bt: jnp.ones(p_x_bt.shape, bool), residual=spec.lossless_residual))
+spec.register_acceptance_rule("resample_from_p", spec.AcceptanceRule(
+    accept=spec.lossless_accept, residual=lambda p_bv, q_bv: p_bv))
+
 LOSSLESS_CASES = {
     "T=1": (Sampler(temperature=1.0), None),
     "T=0.7,top_k=12,top_p=0.95": (Sampler(temperature=0.7, top_k=12, top_p=0.95), None),
@@ -224,7 +234,7 @@ def test_spec_sampling_is_lossless(tiny_pair, case):
     prompts = np.repeat(LOSSLESS_PROMPT[None], NUM_SAMPLES, 0)
     lens = np.full(NUM_SAMPLES, len(LOSSLESS_PROMPT))
     out = spec.speculative_generate(target, draft, prompts, lens, LOSSLESS_GAMMA, 2, sampler, jax.random.key(123),
-                                    lossy_variant=variant)
+                                    acceptance=variant or "lossless")
     tokens = _np(out.tokens)
     assert (_np(out.lengths) == 2).all()
     stat, dof, pvalue = chi_square(first_two_counts(tokens, TINY_VOCAB), exact_first_two(target, LOSSLESS_PROMPT, sampler))
@@ -326,7 +336,7 @@ def test_spec_eos_inside_block_stops_only_its_row(target, drafts):
         np.testing.assert_array_equal(tokens, _np(ref.tokens))
         np.testing.assert_array_equal(lengths, _np(ref.lengths))
         assert lengths[0] == position + 1 and tokens[0, position] == eos
-        assert (tokens[0, position + 1:] == gen.DEFAULT_PAD_ID).all()
+        assert (tokens[0, position + 1:] == decoding.DEFAULT_PAD_ID).all()
         for b in range(len(PROMPTS)):
             hits = np.flatnonzero(free[b] == eos)
             assert lengths[b] == (hits[0] + 1 if hits.size else BUDGET)  # budget exact where no EOS
@@ -386,7 +396,7 @@ BAD_INPUTS = {
     "prompt_len_zero": (dict(prompt_lens=np.array([7, 0, 1, 4])), "prompt_lens"),
     "prompt_len_too_long": (dict(prompt_lens=np.array([8, 2, 1, 4])), "prompt_lens"),
     "budget_zero": (dict(max_new_tokens=0), "max_new_tokens"),
-    "unknown_variant": (dict(lossy_variant="typo"), "lossy_variant"),
+    "unknown_acceptance_rule": (dict(acceptance="typo"), "acceptance"),
 }
 
 
@@ -394,7 +404,7 @@ BAD_INPUTS = {
 def test_spec_bad_inputs_raise_before_compiling(target, case):
     overrides, message = BAD_INPUTS[case]
     args = dict(draft=target, prompts=PROMPTS, prompt_lens=PROMPT_LENS, gamma=3, max_new_tokens=BUDGET,
-                sampler=GREEDY, cache_len=None, lossy_variant=None)
+                sampler=GREEDY, cache_len=None, acceptance="lossless")
     args.update(overrides)
     if isinstance(args["draft"], qwen3.Qwen3Config):
         args["draft"] = qwen3.init_model(args["draft"], 0)
@@ -402,7 +412,7 @@ def test_spec_bad_inputs_raise_before_compiling(target, case):
     with pytest.raises((ValueError, TypeError), match=message):
         spec.speculative_generate(target, args["draft"], args["prompts"], args["prompt_lens"], args["gamma"],
                                   args["max_new_tokens"], args["sampler"], jax.random.key(0),
-                                  cache_len=args["cache_len"], lossy_variant=args["lossy_variant"])
+                                  cache_len=args["cache_len"], acceptance=args["acceptance"])
     assert spec.compiled_cache_size() == compiled
 
 

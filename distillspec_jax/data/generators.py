@@ -72,11 +72,6 @@ class GeneratorSpec:
         return self.kind in ("draft", "mix")
 
 
-def loss_mask(response_mask_bl: np.ndarray) -> np.ndarray:
-    """float32 [B, L]: 1 at positions whose next token is a response token (they generate y)."""
-    return np.asarray(dv.next_token_loss_mask(jnp.asarray(response_mask_bl)), np.float32)
-
-
 def _generate_all(model: qwen3.Qwen3, local_prompts: dict[str, np.ndarray], spec: GeneratorSpec, rng: jax.Array,
                   mesh) -> gen.GenerationOutput:
     """Samples responses for this host's prompt rows with a (possibly sharded) model; returns every host's
@@ -126,7 +121,7 @@ def make_source(spec: GeneratorSpec, batcher: pipeline.Batcher, prompt_len: int,
 
     def offline(position: int) -> dict[str, np.ndarray]:
         packed = batcher.sequences(position, length=length)
-        return {"tokens": packed["tokens"], "loss_mask": loss_mask(packed["response_mask"])}
+        return {"tokens": packed["tokens"], "loss_mask": dv.next_token_loss_mask(packed["response_mask"])}
 
     def on_policy(position: int, model: qwen3.Qwen3, context: data_source.DataContext) -> dict[str, np.ndarray]:
         prompts = batcher.prompts(position, length=prompt_len)
@@ -140,7 +135,7 @@ def make_source(spec: GeneratorSpec, batcher: pipeline.Batcher, prompt_len: int,
             use_draft = mix_takes_draft(seed, position, rows, spec.mix_lambda)[:, None]
             tokens = np.where(use_draft, tokens, other["tokens"])
             response = np.where(use_draft, response, other["response_mask"])
-        return {"tokens": tokens.astype(np.int32), "loss_mask": loss_mask(response)}
+        return {"tokens": tokens.astype(np.int32), "loss_mask": dv.next_token_loss_mask(response)}
 
     def batches(position: int, context: data_source.DataContext) -> Iterator[dict[str, np.ndarray]]:
         generator_model = None

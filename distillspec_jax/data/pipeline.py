@@ -1,5 +1,8 @@
 """Tokenisation, deterministic order, host slicing, length bucketing and static-shape padding.
 
+`pack_sequences` is the one layout of a prompt+response sequence, for fixed responses here and for
+generated ones inside the decode loops.
+
 Batches are addressed by a global position (the number of batches drawn before them), so that a
 resumed run draws exactly the batches an uninterrupted one would, and every host computes the same
 order and keeps only its own rows. Sequence lengths are padded up to a multiple of `pad_multiple`,
@@ -11,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from distillspec_jax.data import tasks as tasks_lib
@@ -143,12 +148,12 @@ class Batcher:
         return pad_prompts([it.prompt for it in items], tp, self.pad_id)
 
     def sequences(self, position: int, length: int | None = None) -> dict[str, np.ndarray]:
-        """This host's prompt+fixed-response sequences of batch `position` (see `pack_sequences`)."""
+        """This host's prompt+fixed-response sequences of batch `position` (see `pack_examples`)."""
         items = self._local(position)
         if any(it.response is None for it in items):
             raise ValueError("the 'fixed' generator needs responses in the data; this task/source has none")
-        return pack_sequences([it.prompt for it in items], [it.response for it in items], self.pad_id,
-                              length=length, pad_multiple=self.pad_multiple)
+        return pack_examples([it.prompt for it in items], [it.response for it in items], self.pad_id,
+                             length=length, pad_multiple=self.pad_multiple)
 
 
 def pad_prompts(prompts: Sequence[np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -156,15 +161,39 @@ def pad_prompts(prompts: Sequence[np.ndarray], length: int, pad_id: int) -> dict
     longest = max(len(p) for p in prompts)
     if longest > length:
         raise ValueError(f"a prompt of {longest} tokens does not fit the prompt length {length}")
-    out = np.full((len(prompts), length), pad_id, np.int32)
-    for b, p in enumerate(prompts):
-        out[b, : len(p)] = p
-    return {"prompts": out, "prompt_lens": np.asarray([len(p) for p in prompts], np.int32)}
+    out, lens_b = _right_pad(prompts, pad_id, length)
+    return {"prompts": out, "prompt_lens": lens_b}
 
 
-def pack_sequences(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], pad_id: int,
-                   length: int | None = None, pad_multiple: int = 64) -> dict[str, np.ndarray]:
-    """Each row is its prompt then its response, right-padded.
+def pack_sequences(prompts_bt, prompt_lens_b, responses_br, response_lens_b, pad_id: int,
+                   length: int | None = None):
+    """(sequences_bs int32, response_mask_bs bool): each row's prompt, then its response, then pad_id.
+
+    prompts_bt [B, T] and responses_br [B, R] are right-padded, described by prompt_lens_b and
+    response_lens_b [B]; S = `length`, by default T + R, and every row's prompt + response must fit in it.
+    The result is left-aligned (position 0 is the first prompt token), as the causal full forward
+    `model(tokens_bt)` and the distillation loss expect. One implementation for both callers: NumPy
+    arrays in give NumPy arrays out (the fixed responses, on the host), jax arrays in give jax arrays out
+    (generated responses, traced inside the decode loops).
+    """
+    traced = any(isinstance(x, jax.Array) for x in (prompts_bt, prompt_lens_b, responses_br, response_lens_b))
+    xp = jnp if traced else np
+    prompts_bt, responses_br = xp.asarray(prompts_bt), xp.asarray(responses_br)
+    prompt_lens_b, response_lens_b = xp.asarray(prompt_lens_b), xp.asarray(response_lens_b)
+    t, r = prompts_bt.shape[1], responses_br.shape[1]
+    s_1s = xp.arange(t + r if length is None else length)[None, :]
+    in_prompt_bs = s_1s < prompt_lens_b[:, None]
+    response_index_bs = s_1s - prompt_lens_b[:, None]
+    response_mask_bs = (response_index_bs >= 0) & (response_index_bs < response_lens_b[:, None])
+    from_prompt_bs = xp.take_along_axis(prompts_bt, xp.clip(s_1s, 0, t - 1).repeat(prompts_bt.shape[0], 0), axis=1)
+    from_response_bs = xp.take_along_axis(responses_br, xp.clip(response_index_bs, 0, r - 1), axis=1)
+    sequences_bs = xp.where(in_prompt_bs, from_prompt_bs, xp.where(response_mask_bs, from_response_bs, pad_id))
+    return sequences_bs.astype(xp.int32), response_mask_bs
+
+
+def pack_examples(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], pad_id: int,
+                  length: int | None = None, pad_multiple: int = 64) -> dict[str, np.ndarray]:
+    """`pack_sequences` of variable-length examples, padded to `length` (default: the longest rounded up).
 
     tokens [B, T] int32; response_mask [B, T] float32, 1 where the token is part of the response.
     """
@@ -172,10 +201,17 @@ def pack_sequences(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray
     t = length if length is not None else round_up(total, pad_multiple)
     if total > t:
         raise ValueError(f"a sequence of {total} tokens does not fit the length {t}")
-    tokens = np.full((len(prompts), t), pad_id, np.int32)
-    response_mask = np.zeros((len(prompts), t), np.float32)
-    for b, (p, r) in enumerate(zip(prompts, responses)):
-        tokens[b, : len(p)] = p
-        tokens[b, len(p) : len(p) + len(r)] = r
-        response_mask[b, len(p) : len(p) + len(r)] = 1.0
-    return {"tokens": tokens, "response_mask": response_mask}
+    # At least one column each, so that pack_sequences can gather from an empty response batch.
+    prompts_bt, prompt_lens_b = _right_pad(prompts, pad_id, max(1, max(len(p) for p in prompts)))
+    responses_br, response_lens_b = _right_pad(responses, pad_id, max(1, max(len(r) for r in responses)))
+    tokens, response_mask = pack_sequences(prompts_bt, prompt_lens_b, responses_br, response_lens_b, pad_id, length=t)
+    return {"tokens": tokens, "response_mask": response_mask.astype(np.float32)}
+
+
+def _right_pad(rows: Sequence[np.ndarray], pad_id: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """[B, width] int32 right-padded with pad_id (every row fits), and the lengths [B] int32."""
+    lens_b = np.asarray([len(r) for r in rows], np.int32)
+    out = np.full((len(rows), width), pad_id, np.int32)
+    for b, r in enumerate(rows):
+        out[b, : len(r)] = r
+    return out, lens_b

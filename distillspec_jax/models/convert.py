@@ -3,8 +3,9 @@
     python -m distillspec_jax.models.convert --hf=PATH_OR_HUB_ID --out=ORBAX_DIR [--dtype=bfloat16]
     python -m distillspec_jax.models.convert --to_hf --orbax=ORBAX_DIR --out=HF_DIR [--dtype=bfloat16]
 
-The table `tensor_maps(cfg)` is the single place that knows HF names; every tensor's shape is
-asserted on the way in. Weights are read from memory-mapped safetensors and each tensor goes
+The table `tensor_maps(cfg)` is the single place that knows HF names (and `from_hf_config` /
+`to_hf_config` the one place that reads and writes config.json); every tensor's shape is
+asserted on the way in. Weights are read with the safetensors package and each tensor goes
 straight to its NamedSharding, so a large model never sits whole on one device.
 """
 
@@ -19,18 +20,19 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from distillspec_jax import files, hub
 from distillspec_jax import sharding as shd
 from distillspec_jax.models import qwen3
-from distillspec_jax.models.safetensors_io import SafetensorsFile
-from distillspec_jax.models.safetensors_io import write as write_safetensors
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -111,6 +113,83 @@ def tensor_maps(cfg: qwen3.Qwen3Config) -> list[TensorMap]:
 
 
 # ----------------------------------------------------------------------------------------------
+# config.json <-> Qwen3Config
+# ----------------------------------------------------------------------------------------------
+
+
+def from_hf_config(hf: dict[str, Any] | str, **overrides: Any) -> qwen3.Qwen3Config:
+    """Builds a Qwen3Config from a HF config.json (a dict, or the path of the file).
+
+    Accepts both the transformers 4.x layout (`rope_theta`, `rope_scaling`) and the 5.x layout
+    (`rope_parameters`). Anything this dense implementation would silently compute differently is
+    refused: another model_type, attention biases, sliding windows, RoPE scaling.
+    """
+    if isinstance(hf, str):
+        with open(hf) as f:
+            hf = json.load(f)
+    model_type = hf.get("model_type")
+    if model_type != "qwen3":
+        raise ValueError(
+            f"model_type is {model_type!r}, but this loader implements Qwen3 dense models only "
+            "(model_type 'qwen3'); pass a Qwen3 checkpoint"
+        )
+    if hf.get("attention_bias", False):
+        raise ValueError("attention_bias=true is not part of Qwen3 dense; this checkpoint is not supported")
+    if hf.get("use_sliding_window", False):
+        raise ValueError("use_sliding_window=true is not supported: Qwen3 dense models use full attention")
+    rope = hf.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", "default")
+    scaling = hf.get("rope_scaling")
+    if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
+        raise ValueError(f"RoPE scaling {scaling or rope} is not supported; use a checkpoint with default RoPE")
+    rope_theta = rope.get("rope_theta", hf.get("rope_theta", 1_000_000.0))
+    vocab = hf["vocab_size"]
+    fields = dict(
+        vocab_size=vocab,
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        rope_theta=float(rope_theta),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=hf.get("max_position_embeddings", 40960),
+        num_real_tokens=qwen3.QWEN3_NUM_REAL_TOKENS if vocab == qwen3.QWEN3_VOCAB_SIZE else None,
+    )
+    fields.update(overrides)
+    return qwen3.Qwen3Config(**fields)
+
+
+def to_hf_config(cfg: qwen3.Qwen3Config) -> dict[str, Any]:
+    """The config.json that transformers' Qwen3ForCausalLM (and vLLM) read."""
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "initializer_range": qwen3.INIT_STDDEV,
+        "torch_dtype": cfg.param_dtype,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
 # Finding a checkpoint
 # ----------------------------------------------------------------------------------------------
 
@@ -188,18 +267,41 @@ def _download(hub_id: str) -> pathlib.Path:
         raise
 
 
+# The safetensors package's NumPy backend (>= 0.8, requirements.txt) reads and writes bfloat16 through
+# ml_dtypes, the dtype every Qwen3 checkpoint ships in, and reads slices of a tensor (`get_slice`).
+SafetensorsFile = Any  # a `safetensors.safe_open(path, framework="np")` handle
+
+
 def _open_weights(folder: pathlib.Path) -> dict[str, SafetensorsFile]:
-    """Tensor name -> the memory-mapped file that holds it (single file or sharded with an index)."""
+    """Tensor name -> the open safetensors file that holds it (single file or sharded with an index)."""
     index = folder / INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        shard_files = {name: SafetensorsFile(folder / name) for name in sorted(set(weight_map.values()))}
+        shard_files = {name: safe_open(folder / name, framework="np") for name in sorted(set(weight_map.values()))}
         return {tensor: shard_files[file] for tensor, file in weight_map.items()}
     located = {}
     for path in sorted(folder.glob("*.safetensors")):
-        st = SafetensorsFile(path)
-        located.update({tensor: st for tensor in st})
+        st = safe_open(path, framework="np")
+        located.update({tensor: st for tensor in st.keys()})
     return located
+
+
+def tensor_shape(st: SafetensorsFile, name: str) -> tuple[int, ...]:
+    """The stored shape of tensor `name`, read from the header without reading its data."""
+    return tuple(st.get_slice(name).get_shape())
+
+
+def write_safetensors(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> None:
+    """Writes `tensors` to a safetensors file atomically (temporary file, then rename). The "pt" format tag
+    is what transformers requires of the files it loads."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,11 +331,11 @@ def _target_shardings(cfg: qwen3.Qwen3Config, mesh: Mesh | None) -> dict[tuple, 
 
 def _place_tensors(group: list[TensorMap], located: dict[str, SafetensorsFile], np_dtype: np.dtype,
                    sharding: jax.sharding.Sharding) -> jax.Array:
-    """One parameter on its sharding, straight from the memory-mapped checkpoint: a single tensor, or the
-    per-layer tensors of a stacked [L, ...] parameter. Each device's slice is read from the files as it
-    is placed, so no host ever holds more than the slices its devices need (plus one layer's tensor)."""
+    """One parameter on its sharding, straight from the checkpoint files: a single tensor, or the per-layer
+    tensors of a stacked [L, ...] parameter. Each device's slice is read from the files as it is placed, so a
+    host holds one tensor read from the files at a time (and the first layer's, for a stacked parameter)."""
     def read(m: TensorMap) -> np.ndarray:
-        return np.asarray(m.to_ours(located[m.hf_name][m.hf_name]), dtype=np_dtype)
+        return np.asarray(m.to_ours(located[m.hf_name].get_tensor(m.hf_name)), dtype=np_dtype)
 
     if group[0].layer is None:
         (m,) = group
@@ -264,13 +366,13 @@ def load_hf(
     param_dtype = param_dtype or dtype
     qwen3.resolve_dtype(dtype), qwen3.resolve_dtype(param_dtype)  # bad names fail before any I/O
     folder = resolve_checkpoint(path_or_hub_id)
-    cfg = qwen3.from_hf_config(str(folder / CONFIG_FILE), dtype=dtype, param_dtype=param_dtype)
+    cfg = from_hf_config(str(folder / CONFIG_FILE), dtype=dtype, param_dtype=param_dtype)
     located = _open_weights(folder)
     maps = tensor_maps(cfg)
     expected = {m.hf_name for m in maps}
     if cfg.tie_word_embeddings and "lm_head.weight" in located:
         embed, head = located["model.embed_tokens.weight"], located["lm_head.weight"]
-        if not np.array_equal(embed["model.embed_tokens.weight"], head["lm_head.weight"]):
+        if not np.array_equal(embed.get_tensor("model.embed_tokens.weight"), head.get_tensor("lm_head.weight")):
             raise ValueError(
                 "config says tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight; "
                 "set tie_word_embeddings=false in config.json if the head is meant to be separate"
@@ -284,9 +386,9 @@ def load_hf(
     for m in maps:
         if m.hf_name not in located:
             raise ValueError(f"{folder}: tensor {m.hf_name} is missing from the checkpoint")
-        if located[m.hf_name].shape(m.hf_name) != m.hf_shape:
+        if tensor_shape(located[m.hf_name], m.hf_name) != m.hf_shape:
             raise ValueError(
-                f"tensor {m.hf_name} has shape {located[m.hf_name].shape(m.hf_name)} in the checkpoint, but "
+                f"tensor {m.hf_name} has shape {tensor_shape(located[m.hf_name], m.hf_name)} in the checkpoint, but "
                 f"config.json implies {m.hf_shape}; the config and the weights disagree"
             )
     by_path: dict[tuple, list[TensorMap]] = {}
@@ -350,7 +452,7 @@ def export_hf(model: qwen3.Qwen3, out_dir: str | os.PathLike, dtype: str | None 
         total = sum(a.nbytes for a in tensors.values())
         files.write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map},
                          sort_keys=True)
-    hf_config = cfg.to_hf_dict()
+    hf_config = to_hf_config(cfg)
     hf_config["torch_dtype"] = dtype
     files.write_json(out / CONFIG_FILE, hf_config, sort_keys=True)
     if tokenizer_from is not None:

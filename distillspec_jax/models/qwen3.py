@@ -3,17 +3,16 @@
 Dimension letters (see style.md): B batch, T query positions, S key/cache positions, D model width,
 N query heads, K kv heads, G = N // K query heads per kv head, H head width, F MLP width, V vocabulary.
 
-This file knows nothing about HF parameter names; `convert.py` owns that table.
+This file knows nothing about HF names or config.json; `convert.py` owns both. How a distribution is
+formed from logits (vocabulary padding mask, temperature, filters) belongs to `sampling.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 
@@ -84,104 +83,6 @@ class Qwen3Config:
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.vocab_size * d + self.num_hidden_layers * per_layer + d + head
 
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The config.json that transformers' Qwen3ForCausalLM (and vLLM) read."""
-        return {
-            "architectures": ["Qwen3ForCausalLM"],
-            "model_type": "qwen3",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "attention_dropout": 0.0,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": None,
-            "rms_norm_eps": self.rms_norm_eps,
-            "max_position_embeddings": self.max_position_embeddings,
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "initializer_range": INIT_STDDEV,
-            "torch_dtype": self.param_dtype,
-        }
-
-
-def check_same_vocabulary(draft: Qwen3Config, other: Qwen3Config, other_name: str, needed_for: str) -> None:
-    """Draft and target (or reference) must share one vocabulary: same rows and same real tokens, because
-    `needed_for` compares their distributions id by id."""
-    if (draft.vocab_size, draft.real_vocab_size) != (other.vocab_size, other.real_vocab_size):
-        raise ValueError(
-            f"draft and {other_name} vocabularies differ: draft vocab_size={draft.vocab_size} (real "
-            f"{draft.real_vocab_size}), {other_name} vocab_size={other.vocab_size} (real {other.real_vocab_size}); "
-            f"{needed_for} compares their distributions id by id, so pick models with the same tokenizer")
-
-
-def concrete(x) -> np.ndarray | None:
-    """`x` as a host array when its values are known outside jit on this process, else None."""
-    if isinstance(x, jax.core.Tracer):
-        return None
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return None
-    return np.asarray(x)
-
-
-def check_token_ids(cfg: Qwen3Config, tokens, what: str) -> None:
-    """Ids outside [0, vocab_size) would index past the embedding table, which JAX answers with NaN rows
-    (or, for a negative id, a wrapped-around row) instead of an error; caught here on the host."""
-    ids = concrete(tokens)
-    if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
-        raise ValueError(f"{what} holds token ids in [{ids.min()}, {ids.max()}], outside the model's vocabulary "
-                         f"[0, {cfg.vocab_size}); tokenize with the model's own tokenizer")
-
-
-def from_hf_config(hf: dict[str, Any] | str, **overrides: Any) -> Qwen3Config:
-    """Builds a Qwen3Config from a HF config.json (a dict, or the path of the file).
-
-    Accepts both the transformers 4.x layout (`rope_theta`, `rope_scaling`) and the 5.x layout
-    (`rope_parameters`). Anything this dense implementation would silently compute differently is
-    refused: another model_type, attention biases, sliding windows, RoPE scaling.
-    """
-    if isinstance(hf, str):
-        with open(hf) as f:
-            hf = json.load(f)
-    model_type = hf.get("model_type")
-    if model_type != "qwen3":
-        raise ValueError(
-            f"model_type is {model_type!r}, but this loader implements Qwen3 dense models only "
-            "(model_type 'qwen3'); pass a Qwen3 checkpoint"
-        )
-    if hf.get("attention_bias", False):
-        raise ValueError("attention_bias=true is not part of Qwen3 dense; this checkpoint is not supported")
-    if hf.get("use_sliding_window", False):
-        raise ValueError("use_sliding_window=true is not supported: Qwen3 dense models use full attention")
-    rope = hf.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", "default")
-    scaling = hf.get("rope_scaling")
-    if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
-        raise ValueError(f"RoPE scaling {scaling or rope} is not supported; use a checkpoint with default RoPE")
-    rope_theta = rope.get("rope_theta", hf.get("rope_theta", 1_000_000.0))
-    vocab = hf["vocab_size"]
-    fields = dict(
-        vocab_size=vocab,
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_hidden_layers=hf["num_hidden_layers"],
-        num_attention_heads=hf["num_attention_heads"],
-        num_key_value_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        rope_theta=float(rope_theta),
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        max_position_embeddings=hf.get("max_position_embeddings", 40960),
-        num_real_tokens=QWEN3_NUM_REAL_TOKENS if vocab == QWEN3_VOCAB_SIZE else None,
-    )
-    fields.update(overrides)
-    return Qwen3Config(**fields)
 
 
 def _preset(hidden: int, ffn: int, layers: int, heads: int, tied: bool) -> Qwen3Config:
@@ -478,18 +379,6 @@ class Qwen3(nnx.Module):
         positions_bt = cache.lengths[:, None] + jnp.arange(tokens_bt.shape[1])[None, :]
         h_btd, cache = self._decoder(tokens_bt, positions_bt, cache)
         return self.logits(h_btd), cache
-
-
-def mask_padding_vocab(logits_tv: jax.Array, real_vocab_size: int) -> jax.Array:
-    """Sets the logits of vocabulary padding rows (ids >= real_vocab_size) to MASK_VALUE.
-
-    Applied wherever a distribution is formed (divergences, sampling), for target and draft alike:
-    the padding rows of a checkpoint hold untrained weights and must never receive probability mass.
-    """
-    if real_vocab_size >= logits_tv.shape[-1]:
-        return logits_tv
-    real_v = jnp.arange(logits_tv.shape[-1]) < real_vocab_size
-    return jnp.where(real_v, logits_tv, MASK_VALUE)
 
 
 def init_model(cfg: Qwen3Config, seed: int = 0) -> Qwen3:

@@ -117,11 +117,7 @@ def prepare(c: ConfigDict, workdir: str, mesh) -> Models:
     positions = [cfg.get("max_position_embeddings", qwen3.Qwen3Config.max_position_embeddings)
                  for cfg in (target_cfg, draft_cfg)]
     checks.check_positions(c, min(positions), f"target {positions[0]}, draft {positions[1]}")  # before loading
-    for key in ("vocab_size", "num_real_tokens"):
-        if target_cfg.get(key) != draft_cfg.get(key):
-            raise ValueError(f"draft and target vocabularies differ ({key}: draft {draft_cfg.get(key)}, target "
-                             f"{target_cfg.get(key)}); DistillSpec compares their distributions token by token, so "
-                             "pick a draft from the same model family (same tokenizer)")
+    checks.check_same_vocabulary(draft_cfg, target_cfg, "target", "DistillSpec")  # before loading
     target = convert.load_orbax(target_dir, mesh, dtype=c.target.dtype, param_dtype=c.target.param_dtype)
     draft = load_draft(c, draft_dir, mesh)
     tokenizer = _load_tokenizer(c, target_dir, tiny_tokenizer)
