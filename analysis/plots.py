@@ -64,7 +64,7 @@ class Run:
     """One workdir's results.json (and metrics.jsonl, when there is one)."""
 
     workdir: str
-    info: dict[str, Any]  # results.json["run"]: name, divergence, jsd_beta, adaspec_fraction, generator, ...
+    info: dict[str, Any]  # results.json["run"]: name, divergence, jsd_beta, selection (and its k), generator, ...
     before: list[dict[str, Any]]  # one row per (temperature, γ): the undistilled draft
     after: list[dict[str, Any]]  # the same sweep with the distilled draft; [] when not evaluated (yet)
     training: dict[str, Any]  # steps, data_position, last_metrics; {} when distillation did not finish

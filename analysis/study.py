@@ -33,9 +33,10 @@ from typing import Any
 import numpy as np
 
 from distillspec_jax import files
+from distillspec_jax.data.generators import GENERATORS as REGISTERED_GENERATORS
 
-DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "adaspec")
-GENERATORS = ("fixed", "target", "draft", "mix")
+DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "adaspec")  # the grid's loss cells: a configs/<name>.py each
+GENERATORS = tuple(REGISTERED_GENERATORS)  # the grid's data cells: every registered generator
 SEEDS = (0, 1, 2)
 SUPERVISED = "ce-fixed"  # the supervised baseline: cross-entropy on the dataset's responses
 BOOTSTRAP_SAMPLES = 2000  # resamples of the seeds for the 95% intervals

@@ -77,7 +77,7 @@ def measure(args: argparse.Namespace, loss_chunk: int, student_cfg: qwen3.Qwen3C
             mesh, flops_per_token: float, peak: float) -> dict[str, Any]:
     """One configuration: compile, then the median step time over args.runs steps."""
     cfg = train.TrainConfig(divergence=args.divergence, loss_chunk=loss_chunk, warmup_steps=1, remat=args.remat,
-                            total_steps=max(2, args.runs + 2), grad_clip_norm=1.0)
+                            steps=max(2, args.runs + 2), batch_size=args.batch, grad_clip_norm=1.0)
     # A fresh student per configuration: the step donates the state, whose first buffers are the model's own.
     distiller = train.Distiller(cfg, common.build_model(student_cfg, args.seed), teacher, mesh)
     batch = distiller.global_batch(random_batch(args.batch, args.seq_len, student_cfg, args.seed))

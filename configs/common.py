@@ -75,12 +75,15 @@ def base() -> ConfigDict:
         regenerate_every=1,  # draft/mix: optimizer steps between refreshes of the generating draft (on-policy lag)
     ))
 
+    # train.TrainConfig(**c.distill, seed=c.seed): one hop; the loss's fields are objective.LossSpec's.
     c.distill = ConfigDict(dict(
         divergence="jsd",  # fkl | rkl | jsd | tvd | ce (supervised baseline on the responses)
         jsd_beta=0.5,  # β of JSD[β], in [0, 1]
         temperature=1.0,  # temperature of p and q inside the loss (> 0)
-        adaspec_fraction=0.0,  # AdaSPEC: fraction k of tokens (by loss gap to a reference draft) trained on; 0 = off
-        adaspec_reference_steps=0,  # AdaSPEC: steps of FKL distillation of the reference draft; 0 = distill.steps
+        selection="all",  # tokens trained on: all | adaspec (by loss gap to a reference draft; configs/adaspec.py)
+        adaspec_fraction=0.4,  # adaspec: fraction k of counted tokens trained on, in (0, 1]
+        loss_chunk=128,  # sequence positions per loss chunk (never hold [B, T, V] logits of both models); 0 = off
+        reference_steps=0,  # adaspec: steps of the reference draft's FKL distillation; 0 = distill.steps
         steps=2000,  # optimizer steps
         batch_size=32,  # global batch (sequences per optimizer step), split over data x fsdp
         grad_accum_steps=1,  # micro-batches per optimizer step
@@ -91,7 +94,6 @@ def base() -> ConfigDict:
         b1=0.9,  # Adam first-moment decay
         b2=0.95,  # Adam second-moment decay
         grad_clip_norm=1.0,  # global-norm gradient clipping; 0 = off
-        loss_chunk=128,  # sequence positions per loss chunk (never hold [B, T, V] logits of both models); 0 = off
         remat=True,  # recompute each draft layer in the backward pass
         checkpoint_every=200,  # steps between Orbax checkpoints
         keep_checkpoints=2,  # checkpoints kept

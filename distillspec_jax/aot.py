@@ -54,10 +54,11 @@ from distillspec_jax import generate as gen
 from distillspec_jax import sharding as shd
 from distillspec_jax import speculative as spec
 from distillspec_jax import train
-from distillspec_jax.data import pipeline
+from distillspec_jax.data import generators, pipeline
 from distillspec_jax.models import convert, qwen3
 from distillspec_jax.costs import CHIPS, GiB, chip
 from distillspec_jax.sampling import Sampler
+from distillspec_jax.selection import SELECTIONS
 
 HEADROOM = 0.10  # fraction of each chip's HBM left to the runtime (its own buffers, fragmentation)
 TPU_INSTALL = 'pip install -r requirements-tpu.txt   (or: pip install "jax[tpu]=={jax}")'
@@ -260,7 +261,7 @@ class Run:
     target: qwen3.Qwen3
     draft: qwen3.Qwen3
     distiller: train.Distiller
-    reference_distiller: train.Distiller | None  # AdaSPEC: the reference draft's FKL run
+    reference_distiller: train.Distiller | None  # a token selection's reference run (AdaSPEC: FKL)
     buffers: dict[str, int]  # per-chip bytes of each resident buffer (see `phases`)
 
 
@@ -272,11 +273,10 @@ def build_run(c: ConfigDict, mesh) -> Run:
     draft = sharded_abstract_model(model_config(c, "draft"), mesh)
     cfg = distill_stage.train_config(c)
     reference_distiller = reference = None
-    if cfg.adaspec_fraction is not None:
-        ref_cfg = dataclasses.replace(cfg, divergence="fkl", adaspec_fraction=None)
-        reference_distiller = train.Distiller(ref_cfg, draft, target, mesh)
+    if cfg.uses_reference:
+        reference_distiller = train.Distiller(cfg.reference_config(), draft, target, mesh)
         reference = draft  # the same shapes and shardings as the draft
-    distiller = train.Distiller(cfg, draft, target if cfg.loss_spec().uses_target else None, mesh, reference=reference)
+    distiller = train.Distiller(cfg, draft, target if cfg.uses_target else None, mesh, reference=reference)
     state = distiller.abstract_state()
     buffers = {
         "target": per_chip_bytes(nnx.state(target)),
@@ -291,7 +291,7 @@ def build_run(c: ConfigDict, mesh) -> Run:
         # the distill stage keeps the reference run's LoopResult (its optimizer state too) alive while the main
         # draft trains; counted because that is what the run holds.
         buffers["reference_opt_state"] = buffers["opt_state"]
-    if c.generator.kind in ("draft", "mix") and c.generator.regenerate_every > 1:
+    if generators.GENERATORS[c.generator.kind].on_policy and c.generator.regenerate_every > 1:
         buffers["draft_snapshot"] = buffers["draft"]  # generators._snapshot copies the generating draft
     return Run(c, mesh, run_shapes(c), target, draft, distiller, reference_distiller, buffers)
 
@@ -464,8 +464,7 @@ def programs(run: Run) -> list[Program]:
 
     g = c.generator
     g_sampler = Sampler(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
-    needs_target = g.kind == "target" or (g.kind == "mix" and g.mix_other == "target")
-    if needs_target:
+    if generators.stored_responses(g.kind, g.mix_other) == "target":
         generate("generate_target_responses", tg, ts, s.train_batch, s.generate_tokens, g_sampler, True,
                  others("data", "target"), target.cfg)
 
@@ -523,8 +522,7 @@ def programs(run: Run) -> list[Program]:
 
         def step(name, distiller, resident, init_resident):
             state = distiller.abstract_state()
-            lower = functools.partial(distiller._step.lower, state, distiller.target_params,
-                                      distiller.reference_params, batch)
+            lower = functools.partial(distiller._step.lower, state, distiller.frozen, batch)
             out.append(Program(name, lower, resident))
             # The optimizer's initialisation: takes the draft's parameters, returns the new optimizer state.
             out.append(Program(f"{name}/init_opt", functools.partial(distiller._init_opt.lower, state.params),
@@ -536,7 +534,7 @@ def programs(run: Run) -> list[Program]:
             step("reference_step", run.reference_distiller, ("draft",), ("draft", "target"))
         taken = ("draft", "opt_state", "gradients") + (("target",) if d.spec.uses_target else ()) + reference
         step("distill_step", d, others("distill", *taken), others("distill", "draft", "opt_state", "gradients"))
-        if g.kind in ("draft", "mix"):
+        if generators.GENERATORS[g.kind].on_policy:
             generate("generate_draft_on_policy", dg, ds, s.train_batch, s.generate_tokens, g_sampler, True,
                      others("distill", "draft", "gradients"), draft.cfg)
     return out
@@ -642,6 +640,11 @@ def _decode_step_seconds(cfg: qwen3.Qwen3Config, rows: int, tokens: int, context
     return max(step_bytes / hw.hbm_bytes_per_s, flops / hw.peak_flops)
 
 
+def _uses_reference(c: ConfigDict) -> bool:
+    """Whether the run's token selection trains and reads a reference draft (AdaSPEC)."""
+    return SELECTIONS[c.distill.selection].uses_reference
+
+
 def roofline(c: ConfigDict, device_kind: str, num_devices: int, gamma: int = 4) -> dict[str, Any]:
     """Analytic lower bounds of time at 100% of the vendor peaks (labelled estimates, not measurements): the
     distillation step (FLOPs over all chips: target forward, draft forward + backward + remat's second forward,
@@ -651,7 +654,7 @@ def roofline(c: ConfigDict, device_kind: str, num_devices: int, gamma: int = 4) 
     hw, s = chip(device_kind), run_shapes(c)
     target_cfg, draft_cfg = model_config(c, "target"), model_config(c, "draft")
     positions = s.train_batch * s.train_len
-    draft_passes = 3 + (1 if c.distill.remat else 0) + (1 if c.distill.adaspec_fraction > 0 else 0)
+    draft_passes = 3 + (1 if c.distill.remat else 0) + (1 if _uses_reference(c) else 0)
     target_passes = 0 if c.distill.divergence == "ce" else 1
     flops = positions * (draft_passes * costs.forward_flops_per_token(draft_cfg, s.train_len)
                          + target_passes * costs.forward_flops_per_token(target_cfg, s.train_len))
@@ -700,16 +703,16 @@ def run_seconds(c: ConfigDict, device_kind: str, num_devices: int, *, train_exam
     if examples is None:
         raise ValueError("config.data.num_train_examples is -1 (the whole split): pass train_examples, its size")
     g = c.generator
-    needs_target = g.kind == "target" or (g.kind == "mix" and g.mix_other == "target")
+    needs_target = generators.stored_responses(g.kind, g.mix_other) == "target"
     data_s = (-(-examples // s.train_batch) * _generate_seconds(target_cfg, s.train_batch, s.prompt_len,
                                                                 s.generate_tokens, mesh, hw)) if needs_target else 0.0
     step = roofline(c, device_kind, num_devices)["distill_step_s"]
-    if g.kind in ("draft", "mix"):  # every batch is generated by the current draft
+    if generators.GENERATORS[g.kind].on_policy:  # every batch is generated by the current draft
         step += _generate_seconds(draft_cfg, s.train_batch, s.prompt_len, s.generate_tokens, mesh, hw)
     distill_s = c.distill.steps * step
     reference_s = 0.0
-    if c.distill.adaspec_fraction > 0:
-        reference_s = (c.distill.adaspec_reference_steps or c.distill.steps) * step
+    if _uses_reference(c):
+        reference_s = (c.distill.reference_steps or c.distill.steps) * step
     runs = c.eval.timing_repeats + 1  # timed runs and one warm-up
     batches = c.eval.num_prompts // c.eval.batch_size
     target_decode = _generate_seconds(target_cfg, s.eval_batch, s.prompt_len, s.eval_tokens, mesh, hw)

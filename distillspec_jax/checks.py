@@ -222,7 +222,7 @@ def _check_data(f: _Fields) -> None:
 def _check_generator(f: _Fields) -> None:
     from distillspec_jax.data import generators
 
-    kind = f.choice("generator.kind", generators.GENERATORS, "unknown generator")
+    kind = f.choice("generator.kind", tuple(generators.GENERATORS), "unknown generator")
     f.number("generator.mix_lambda", 0.0, 1.0, fix_value=0.5)  # checked for every kind: a typo is a typo
     other = f.choice("generator.mix_other", generators.MIX_OTHERS)
     f.number("generator.temperature", 0.0, fix_value=1.0)
@@ -231,19 +231,25 @@ def _check_generator(f: _Fields) -> None:
     f.integer("generator.max_new_tokens", 1, fix_value=64)
     f.integer("generator.regenerate_every", 1)
     task = tasks.TASKS[f("data.task")]
-    if (kind == "fixed" or (kind == "mix" and other == "fixed")) and not task.has_responses:
+    if generators.stored_responses(kind, other) == "fixed" and not task.has_responses:
         raise field_error("generator.kind", kind, f"a generator that makes its responses: task {task.name!r} has no "
                           "fixed responses to train on", "--config.generator.kind=draft (or target)")
 
 
 def _check_distill(f: _Fields) -> None:
-    from distillspec_jax import divergences as dv
+    from distillspec_jax.divergences import DIVERGENCES
+    from distillspec_jax.selection import SELECTIONS
 
-    f.choice("distill.divergence", sorted(dv.DIVERGENCES), "unknown divergence")
+    divergence = f.choice("distill.divergence", sorted(DIVERGENCES), "unknown divergence")
     f.number("distill.jsd_beta", 0.0, 1.0, fix_value=0.5)
     f.number("distill.temperature", 0.0, lo_open=True, fix_value=1.0)
-    f.number("distill.adaspec_fraction", 0.0, 1.0, fix_value=0.0)  # 0 = off
-    f.integer("distill.adaspec_reference_steps", 0)
+    selection = f.choice("distill.selection", sorted(SELECTIONS), "unknown token selection")
+    f.number("distill.adaspec_fraction", 0.0, 1.0, lo_open=True, fix_value=0.4)
+    if SELECTIONS[selection].uses_reference and not DIVERGENCES[divergence].uses_target:
+        raise field_error("distill.selection", selection, f"a selection that uses no target: {selection!r} compares "
+                          f"the draft and its reference against the target, and divergence {divergence!r} has none",
+                          "--config.distill.selection=all")
+    f.integer("distill.reference_steps", 0)
     steps = f.integer("distill.steps", 1, fix_value=100)
     batch = f.integer("distill.batch_size", 1, fix_value=8)
     accum = f.integer("distill.grad_accum_steps", 1)
@@ -424,9 +430,11 @@ def load_examples(c: ConfigDict) -> tuple[list[dict], list[dict]]:
     Evaluation prompts come from data.eval_split, or are eval.num_prompts examples held out of the
     training split, chosen by the seed.
     """
+    from distillspec_jax.data import generators  # generators -> generate -> checks: imported at call time
+
     d = c.data
     task = tasks.TASKS[d.task]
-    fixed = c.generator.kind == "fixed" or (c.generator.kind == "mix" and c.generator.mix_other == "fixed")
+    fixed = generators.stored_responses(c.generator.kind, c.generator.mix_other) == "fixed"
     jsonl_path = d.name if d.source == "jsonl" else None
     examples = _load(c, d.split, None if d.num_train_examples < 0 else d.num_train_examples)
     check_rows(examples, task, _where(c, d.split), d.chat, fixed, jsonl_path)

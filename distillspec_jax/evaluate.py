@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from distillspec_jax import divergences as dv
+from distillspec_jax import objective
+from distillspec_jax.divergences import total_variation
 from distillspec_jax import generate as gen
 from distillspec_jax import sampling
 from distillspec_jax import speculative as spec
@@ -135,7 +136,7 @@ def verify_cost_ratio(target: qwen3.Qwen3, gamma: int, batch: int, cache_len: in
 def _acceptance_sum(target_graphdef, draft_graphdef, target_state, draft_state, sequences_bs, predicts_bs, *,
                     sampler: Sampler, chunk: int) -> jax.Array:
     """Σ over positions where predicts_bs is True of Σ_v min(p, q) = 1 − TVD(p, q), computed chunk by chunk over
-    positions (`divergences.scan_positions`) so that only [B, C, V] distributions of each model exist at once
+    positions (`objective.scan_positions`) so that only [B, C, V] distributions of each model exist at once
     (V dominates memory, design §3)."""
     target = nnx.merge(target_graphdef, target_state)
     draft = nnx.merge(draft_graphdef, draft_state)
@@ -148,10 +149,10 @@ def _acceptance_sum(target_graphdef, draft_graphdef, target_state, draft_state, 
         p_bcv = sampling.filtered_logits(target.logits(h_target_bcd), sampler, real_v)
         q_bcv = sampling.filtered_logits(draft.logits(h_draft_bcd), sampler, real_v)
         # 1 − TVD rather than Σ min(p, q): equal when both sum to 1, and exactly 1 when p and q are identical.
-        beta_bc = 1.0 - dv.total_variation(p_bcv, q_bcv)
+        beta_bc = 1.0 - total_variation(p_bcv, q_bcv)
         return total + jnp.sum(jnp.where(predicts_bc, beta_bc, 0.0)), None
 
-    total, _ = dv.scan_positions(one_chunk, jnp.zeros((), jnp.float32), xs, chunk)
+    total, _ = objective.scan_positions(one_chunk, jnp.zeros((), jnp.float32), xs, chunk)
     return total
 
 
@@ -167,7 +168,7 @@ def acceptance_from_sequences(target: qwen3.Qwen3, draft: qwen3.Qwen3, sequences
     """
     spec.check_pair(target, draft)
     response_mask_bs = jnp.asarray(response_mask_bs, bool)
-    predicts_bs = dv.next_token_shift(response_mask_bs)  # position s predicts token s + 1
+    predicts_bs = objective.next_token_shift(response_mask_bs)  # position s predicts token s + 1
     count = int(jnp.sum(predicts_bs))
     if count == 0:
         raise ValueError("no response positions to score: response_mask is all False")

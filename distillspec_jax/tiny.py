@@ -76,13 +76,13 @@ def corpus_sequences(token_stream: np.ndarray, seq_len: int, seed: int) -> np.nd
 
 def _pretrain(model: qwen3.Qwen3, sequences: np.ndarray, steps: int, tiny_cfg: dict, seed: int,
               workdir: pathlib.Path, stage: str) -> qwen3.Qwen3:
-    """Cross-entropy pre-training with the distillation loop itself (resumable, checkpointed)."""
+    """Cross-entropy pre-training by the distillation step and loop (`train.pretrain`: resumable, checkpointed)."""
+    batch = tiny_cfg["batch_size"]
     cfg = train.TrainConfig(
         divergence="ce", learning_rate=tiny_cfg["learning_rate"], warmup_steps=max(1, int(steps * TINY_WARMUP_FRACTION)),
-        total_steps=steps, end_lr_fraction=0.1, weight_decay=0.0, grad_clip_norm=1.0, loss_chunk=0,
+        steps=steps, batch_size=batch, end_lr_fraction=0.1, weight_decay=0.0, grad_clip_norm=1.0, loss_chunk=0,
         checkpoint_every=steps, keep_checkpoints=1, log_every=max(1, steps // 10), seed=seed)
     mesh = shd.make_mesh(-1, 1, 1)
-    batch = tiny_cfg["batch_size"]
     local = shd.host_slice(batch)
 
     def batches(position: int, context: data_source.DataContext) -> Iterator[dict]:
@@ -92,11 +92,10 @@ def _pretrain(model: qwen3.Qwen3, sequences: np.ndarray, steps: int, tiny_cfg: d
             yield {"tokens": tokens, "loss_mask": np.ones_like(tokens, np.float32)}
             position += 1
 
-    distiller = train.Distiller(cfg, model, None, mesh)
-    result = train.run(cfg, distiller, batches, workdir, stage=stage)
+    trained, result = train.pretrain(cfg, model, batches, workdir, mesh, stage=stage)
     if result.preempted:  # a half pre-trained model must not be cached as built; a rerun resumes it
         raise Preempted(f"stopped on request while pre-training the tiny model ({stage}); its checkpoint is saved")
-    return distiller.draft_model(result.state.params)
+    return trained
 
 
 def build(tiny_cfg: dict, seed: int, cache_dir: str | os.PathLike) -> TinyModels:

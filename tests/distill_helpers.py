@@ -104,16 +104,21 @@ def params_to_numpy(params) -> dict[str, np.ndarray]:
 # rounding differences of another reduction order into update differences of order lr · 1e-2; the
 # learning rate and a draft whose attention is not negligible (larger layer weights, hence no
 # near-zero gradients from faint attention paths) keep those far below the 1e-5 tolerance.
-SHARDING_CFG = train.TrainConfig(divergence="jsd", adaspec_fraction=0.5, learning_rate=1e-4, warmup_steps=0,
-                                 total_steps=3, loss_chunk=5)
+SHARDING_CFG = train.TrainConfig(divergence="jsd", selection="adaspec", adaspec_fraction=0.5, learning_rate=1e-4, warmup_steps=0,
+                                 steps=3, loss_chunk=5)
 SHARDING_BATCH, SHARDING_SEQ = 8, 16
+
+
+def selection(adaspec_fraction: float | None) -> dict:
+    """TrainConfig's token-selection fields: None trains every counted token, a number k is AdaSPEC with k."""
+    return {} if adaspec_fraction is None else {"selection": "adaspec", "adaspec_fraction": adaspec_fraction}
 SHARDING_DRAFT_SCALE = 10.0
 
 
 def run_steps(cfg: train.TrainConfig, mesh, steps: int, batch: int, seq: int, draft_layer_scale: float = 1.0,
               draft_seed: int = 0, target_seed: int = 1, reference_seed: int = 2) -> tuple[list[float], dict[str, np.ndarray]]:
     """`steps` train steps on synthetic data; (losses, final parameters as NumPy)."""
-    reference = make_draft(reference_seed) if cfg.adaspec_fraction is not None else None
+    reference = make_draft(reference_seed) if cfg.uses_reference else None
     draft = make_draft(draft_seed, layer_scale=draft_layer_scale)
     distiller = train.Distiller(cfg, draft, make_target(target_seed), mesh, reference)
     state = distiller.init_state()
@@ -134,10 +139,10 @@ def main_multihost(out: str, workdir: str, mesh_shape: tuple[int, int, int]) -> 
     from distillspec_jax import tracking
 
     cfg = dataclasses.replace(SHARDING_CFG, log_every=1, checkpoint_every=2)
-    reference = make_draft(2) if cfg.adaspec_fraction is not None else None
+    reference = make_draft(2) if cfg.uses_reference else None
     distiller = train.Distiller(cfg, make_draft(0, layer_scale=SHARDING_DRAFT_SCALE), make_target(1),
                                 shd.make_mesh(*mesh_shape), reference)
-    result = train.run(cfg, distiller, SyntheticSource(SHARDING_BATCH, SHARDING_SEQ), workdir)
+    result = train.run(distiller, SyntheticSource(SHARDING_BATCH, SHARDING_SEQ), workdir)
     params = params_to_numpy(result.state.params)
     checkpoints = checkpoint.Checkpointer(workdir, cfg.keep_checkpoints).manager.all_steps()  # collective: all hosts
     if jax.process_index() == 0:

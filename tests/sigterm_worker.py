@@ -11,7 +11,7 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-SIGTERM_CFG = dict(divergence="fkl", learning_rate=1e-2, warmup_steps=0, total_steps=1000, loss_chunk=8,
+SIGTERM_CFG = dict(divergence="fkl", learning_rate=1e-2, warmup_steps=0, steps=1000, loss_chunk=8,
                    checkpoint_every=1000, log_every=1)
 BATCH, SEQ, SLEEP_S = 4, 16, 0.2
 
@@ -23,7 +23,7 @@ def main() -> None:
 
     cfg = train.TrainConfig(**SIGTERM_CFG)
     distiller = train.Distiller(cfg, h.make_draft(), h.make_target(), shd.single_device_mesh())
-    result = train.run(cfg, distiller, h.SyntheticSource(BATCH, SEQ, sleep_s=SLEEP_S), sys.argv[1])
+    result = train.run(distiller, h.SyntheticSource(BATCH, SEQ, sleep_s=SLEEP_S), sys.argv[1])
     print(json.dumps({"step": result.step, "preempted": result.preempted}), flush=True)
 
 

@@ -12,12 +12,20 @@ import numpy as np
 import pytest
 
 from distillspec_jax import divergences as dv
+from distillspec_jax import objective, selection
 from distillspec_jax import sharding as shd
 from distillspec_jax.models import qwen3
 
 B, T, V, REAL_V = 3, 7, 11, 9  # two padding rows in the vocabulary
 TEMPERATURE = 0.7
 KL_DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")
+
+
+def loss_spec(adaspec_fraction: float | None = None, chunk: int = 128, **kwargs) -> objective.LossSpec:
+    """An objective.LossSpec: adaspec_fraction None trains every counted token, a number k is AdaSPEC with k."""
+    if adaspec_fraction is not None:
+        kwargs.update(selection="adaspec", adaspec_fraction=adaspec_fraction)
+    return objective.LossSpec(loss_chunk=chunk, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,8 +106,8 @@ CASES = [("fkl", {}), ("rkl", {}), ("jsd", {"jsd_beta": 0.5}), ("jsd", {"jsd_bet
 @pytest.mark.parametrize("name,extra", CASES, ids=[f"{n}{e.get('jsd_beta', '')}" for n, e in CASES])
 def test_divergence_matches_numpy(name, extra):
     p, q, _, mask, labels = random_inputs(0)
-    spec = dv.LossSpec(divergence=name, temperature=TEMPERATURE, chunk=0, **extra)
-    loss, metrics = dv.loss_from_logits(spec, p, q, mask, REAL_V, labels)
+    spec = loss_spec(divergence=name, temperature=TEMPERATURE, chunk=0, **extra)
+    loss, metrics = objective.loss_from_logits(spec, p, q, mask, REAL_V, labels)
     want_loss, want_acceptance = np_loss(name, p, q, mask, beta=extra.get("jsd_beta", 0.5), labels=labels)
     print(f"{name}{extra}: loss {float(loss):.6f} numpy {want_loss:.6f}")
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5, atol=1e-6)
@@ -111,7 +119,7 @@ def test_divergence_matches_numpy(name, extra):
 @pytest.mark.parametrize("name", KL_DIVERGENCES)
 def test_divergence_zero_iff_distributions_equal(name):
     p, q, *_ = random_inputs(1)
-    fn = dv.LossSpec(divergence=name).divergence_fn()
+    fn = loss_spec(divergence=name).divergence_fn()
     same = np.asarray(fn(jnp.asarray(p), jnp.asarray(p)))
     differ = np.asarray(fn(jnp.asarray(p), jnp.asarray(q)))
     assert np.abs(same).max() < 1e-6
@@ -122,7 +130,7 @@ def test_divergence_zero_iff_distributions_equal(name):
 
 def test_jsd_half_symmetric_and_bounded_by_log2():
     p, q, *_ = random_inputs(2, scale=6.0)
-    jsd = dv.LossSpec(divergence="jsd", jsd_beta=0.5).divergence_fn()
+    jsd = loss_spec(divergence="jsd", jsd_beta=0.5).divergence_fn()
     pq, qp = np.asarray(jsd(jnp.asarray(p), jnp.asarray(q))), np.asarray(jsd(jnp.asarray(q), jnp.asarray(p)))
     np.testing.assert_allclose(pq, qp, rtol=1e-5, atol=1e-7)
     assert pq.max() <= math.log(2) + 1e-6
@@ -134,7 +142,7 @@ def test_jsd_half_symmetric_and_bounded_by_log2():
 
 def test_tvd_in_unit_interval():
     p, q, *_ = random_inputs(3, scale=5.0)
-    tvd = dv.LossSpec(divergence="tvd").divergence_fn()
+    tvd = loss_spec(divergence="tvd").divergence_fn()
     values = np.asarray(tvd(jnp.asarray(p), jnp.asarray(q)))
     assert values.min() >= 0 and values.max() <= 1
     one_hot_a = np.asarray(dv.one_hot_logits(jnp.array([[0]]), V))
@@ -147,7 +155,7 @@ def test_jsd_beta_limits():
     p, q = jnp.asarray(p), jnp.asarray(q)
 
     def mean_jsd(beta):
-        return float(jnp.mean(dv.LossSpec(divergence="jsd", jsd_beta=beta).divergence_fn()(p, q)))
+        return float(jnp.mean(loss_spec(divergence="jsd", jsd_beta=beta).divergence_fn()(p, q)))
 
     mid = mean_jsd(0.5)
     assert mid > 1e-2
@@ -160,8 +168,8 @@ def test_jsd_beta_limits():
 @pytest.mark.parametrize("name", [*KL_DIVERGENCES, "ce"])
 def test_padding_rows_and_padded_positions_change_nothing(name):
     p, q, _, mask, labels = random_inputs(5)
-    spec = dv.LossSpec(divergence=name, temperature=TEMPERATURE, chunk=0)
-    loss, metrics = dv.loss_from_logits(spec, p, q, mask, REAL_V, labels)
+    spec = loss_spec(divergence=name, temperature=TEMPERATURE, chunk=0)
+    loss, metrics = objective.loss_from_logits(spec, p, q, mask, REAL_V, labels)
     rng = np.random.default_rng(6)
     p2, q2 = p.copy(), q.copy()
     p2[..., REAL_V:] = 50 * rng.standard_normal(p2[..., REAL_V:].shape)  # padding rows: huge garbage
@@ -170,13 +178,13 @@ def test_padding_rows_and_padded_positions_change_nothing(name):
     p2[uncounted] = 30 * rng.standard_normal((uncounted.sum(), V))  # uncounted positions: anything
     q2[uncounted] = 30 * rng.standard_normal((uncounted.sum(), V))
     p2[:, -1], q2[:, -1] = 99.0 * rng.standard_normal((B, V)), 0.0  # the last position is never counted
-    loss2, metrics2 = dv.loss_from_logits(spec, p2, q2, mask, REAL_V, labels)
+    loss2, metrics2 = objective.loss_from_logits(spec, p2, q2, mask, REAL_V, labels)
     np.testing.assert_allclose(float(loss2), float(loss), rtol=1e-6)
     np.testing.assert_allclose(float(metrics2["acceptance"]), float(metrics["acceptance"]), rtol=1e-6)
     # ... while a change at a counted position does change the loss (the test can fail).
     t0 = np.argwhere(mask[:, :-1] > 0)[0]
     q2[t0[0], t0[1], : REAL_V] += np.linspace(-3, 3, REAL_V).astype(np.float32)
-    loss3, _ = dv.loss_from_logits(spec, p2, q2, mask, REAL_V, labels)
+    loss3, _ = objective.loss_from_logits(spec, p2, q2, mask, REAL_V, labels)
     assert abs(float(loss3) - float(loss)) > 1e-5
 
 
@@ -185,8 +193,8 @@ def test_a_tiny_temperature_stays_finite_with_padding_rows(name):
     # Temperature is applied before the padding rows are masked: MASK_VALUE / 1e-9 would overflow to
     # -inf, and 0 · (-inf - -inf) inside a KL is NaN.
     p, q, _, mask, labels = random_inputs(7)
-    spec = dv.LossSpec(divergence=name, temperature=1e-9, chunk=0)
-    loss, metrics = dv.loss_from_logits(spec, p, q, mask, REAL_V, labels)
+    spec = loss_spec(divergence=name, temperature=1e-9, chunk=0)
+    loss, metrics = objective.loss_from_logits(spec, p, q, mask, REAL_V, labels)
     assert np.isfinite(float(loss)) and np.isfinite(float(metrics["acceptance"]))
 
 
@@ -200,7 +208,7 @@ def test_adaspec_selects_top_fraction_of_counted_tokens():
     delta = rng.standard_normal((4, 9)).astype(np.float32)
     counted = (rng.random((4, 9)) < 0.6).astype(np.float32)
     for fraction in (0.4, 0.25, 1.0):
-        selected = np.asarray(dv.adaspec_select(jnp.asarray(delta), jnp.asarray(counted), fraction))
+        selected = np.asarray(selection.adaspec_select(jnp.asarray(counted), jnp.asarray(delta), fraction))
         n = counted.sum()
         assert selected.sum() == math.ceil(fraction * n - 1e-9)
         assert np.all(selected <= counted)
@@ -213,8 +221,8 @@ def test_adaspec_selects_top_fraction_of_counted_tokens():
 @pytest.mark.parametrize("name", ["fkl", "tvd"])
 def test_adaspec_loss_matches_numpy(name):
     p, q, r, mask, _ = random_inputs(8)
-    spec = dv.LossSpec(divergence=name, temperature=TEMPERATURE, adaspec_fraction=0.4, chunk=0)
-    loss, metrics = dv.loss_from_logits(spec, p, q, mask, REAL_V, reference_logits_btv=r)
+    spec = loss_spec(divergence=name, temperature=TEMPERATURE, adaspec_fraction=0.4, chunk=0)
+    loss, metrics = objective.loss_from_logits(spec, p, q, mask, REAL_V, reference_logits_btv=r)
     want, _ = np_loss(name, p, q, mask, ref_logits=r, fraction=0.4)
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
     counted = mask[:, :-1].sum()
@@ -232,8 +240,10 @@ def _head_loss(spec, h_s, w_s, h_t, w_t, h_r, w_r, mask, labels):
     def head(w):
         return lambda h_bcd: jnp.einsum("bcd,dv->bcv", h_bcd, w)
 
-    values = dv.token_values(spec, REAL_V, head(w_s), h_s, head(w_t), h_t, labels, head(w_r), h_r)
-    return dv.reduce_loss(spec, values, mask)
+    heads = {objective.DRAFT: head(w_s), objective.TARGET: head(w_t), objective.REFERENCE: head(w_r)}
+    hidden = {objective.DRAFT: h_s, objective.TARGET: h_t, objective.REFERENCE: h_r}
+    values = objective.token_values(spec, REAL_V, heads, hidden, labels)
+    return objective.reduce_loss(spec, values, mask)
 
 
 @pytest.mark.parametrize("name,fraction", [("fkl", None), ("rkl", None), ("jsd", None), ("tvd", None),
@@ -247,7 +257,7 @@ def test_chunked_equals_unchunked(name, fraction):
     labels = jnp.asarray(rng.integers(0, REAL_V, (b, t)), jnp.int32)
 
     def loss_and_grads(chunk):
-        spec = dv.LossSpec(divergence=name, temperature=TEMPERATURE, adaspec_fraction=fraction, chunk=chunk)
+        spec = loss_spec(divergence=name, temperature=TEMPERATURE, adaspec_fraction=fraction, chunk=chunk)
         fn = lambda h, w: _head_loss(spec, h, w, h_t, w_t, h_r, w_r, mask, labels)[0]  # noqa: E731
         return jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(h_s, w_s)
 
@@ -269,8 +279,8 @@ def test_gradient_matches_finite_differences(name, fraction):
     float64 NumPy loss (an independent implementation)."""
     p, q, r, mask, labels = random_inputs(10, b=2, t=4, v=V)
     beta = 0.3
-    spec = dv.LossSpec(divergence=name, jsd_beta=beta, temperature=TEMPERATURE, adaspec_fraction=fraction, chunk=2)
-    grad = np.asarray(jax.grad(lambda q_: dv.loss_from_logits(spec, p, q_, mask, REAL_V, labels, r)[0])(jnp.asarray(q)))
+    spec = loss_spec(divergence=name, jsd_beta=beta, temperature=TEMPERATURE, adaspec_fraction=fraction, chunk=2)
+    grad = np.asarray(jax.grad(lambda q_: objective.loss_from_logits(spec, p, q_, mask, REAL_V, labels, r)[0])(jnp.asarray(q)))
 
     def f(q64):
         return np_loss(name, p, q64, mask, beta=beta, labels=labels, ref_logits=r, fraction=fraction)[0]
@@ -296,10 +306,10 @@ def test_loss_is_a_global_mean_under_sharding():
     p, q, _, mask, _ = random_inputs(11, b=8, t=6)
     mask[:4] = 0
     mask[:4, 0] = 1  # the first shards count one token per row, the others about four
-    spec = dv.LossSpec(divergence="fkl", temperature=TEMPERATURE, chunk=2)
+    spec = loss_spec(divergence="fkl", temperature=TEMPERATURE, chunk=2)
     mesh = shd.make_mesh(8, 1, 1)
     rows = shd.batch_sharding(mesh, 3)
-    fn = jax.jit(lambda p_, q_, m_: dv.loss_from_logits(spec, p_, q_, m_, REAL_V))
+    fn = jax.jit(lambda p_, q_, m_: objective.loss_from_logits(spec, p_, q_, m_, REAL_V))
     sharded, _ = fn(jax.device_put(p, rows), jax.device_put(q, rows), jax.device_put(mask, shd.batch_sharding(mesh, 2)))
     want, _ = np_loss("fkl", p, q, mask)
     np.testing.assert_allclose(float(sharded), want, rtol=1e-5)
@@ -313,13 +323,14 @@ def test_loss_is_a_global_mean_under_sharding():
 def _compiled_bytes(chunk: int) -> int:
     b, t, d = 8, 512, 64
     v, real_v = qwen3.QWEN3_VOCAB_SIZE, qwen3.QWEN3_NUM_REAL_TOKENS
-    spec = dv.LossSpec(divergence="fkl", chunk=chunk)
+    spec = loss_spec(divergence="fkl", chunk=chunk)
 
     def loss_and_grads(h_s, w_s, h_t, w_t, mask, labels):
         def loss(h_s, w_s):
-            values = dv.token_values(spec, real_v, lambda h: jnp.einsum("bcd,dv->bcv", h, w_s), h_s,
-                                     lambda h: jnp.einsum("bcd,dv->bcv", h, w_t), h_t, labels)
-            return dv.reduce_loss(spec, values, mask)[0]
+            heads = {objective.DRAFT: lambda h: jnp.einsum("bcd,dv->bcv", h, w_s),
+                     objective.TARGET: lambda h: jnp.einsum("bcd,dv->bcv", h, w_t)}
+            values = objective.token_values(spec, real_v, heads, {objective.DRAFT: h_s, objective.TARGET: h_t}, labels)
+            return objective.reduce_loss(spec, values, mask)[0]
 
         return jax.value_and_grad(loss, argnums=(0, 1))(h_s, w_s)
 
@@ -351,15 +362,16 @@ def test_chunked_loss_memory_is_at_most_a_quarter():
     ({"temperature": -1.0}, "temperature must be > 0"),
     ({"chunk": -4}, "chunk must be >= 0"),
     ({"divergence": "ce", "adaspec_fraction": 0.4}, "uses no target"),
+    ({"selection": "topk"}, "unknown token selection 'topk'; choose one of \\['adaspec', 'all'\\]"),
 ])
 def test_bad_loss_config_raises(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        dv.LossSpec(**kwargs)
+        loss_spec(**kwargs)
 
 
 def test_next_token_alignment():
     tokens = jnp.array([[5, 6, 7, 8, 0]])
     response = jnp.array([[0, 0, 1, 1, 0]])  # prompt 5 6, response 7 8, padding
-    np.testing.assert_array_equal(np.asarray(dv.next_token_shift(tokens)), [[6, 7, 8, 0, 0]])
+    np.testing.assert_array_equal(np.asarray(objective.next_token_shift(tokens)), [[6, 7, 8, 0, 0]])
     # Position 1 generates token 7 and position 2 generates token 8: those are trained.
-    np.testing.assert_array_equal(np.asarray(dv.next_token_loss_mask(response)), [[0, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(np.asarray(objective.next_token_loss_mask(response)), [[0, 1, 1, 0, 0]])

@@ -193,7 +193,8 @@ def test_unknown_config_key_is_an_error(tmp_path):
     ("data.eval_split", "test", "has no splits"),  # humaneval is one collection: held-out prompts only
     ("data.name", "/no/such/file.jsonl", "does not exist"),
     ("tokenizer", "tiny", "belongs to the 'tiny' models"),
-    ("distill.adaspec_reference_steps", -1, "adaspec_reference_steps"),
+    ("distill.reference_steps", -1, "reference_steps"),
+    ("distill.selection", "topk", "unknown token selection"),
     ("draft.model", "/no/such/checkpoint", "no/such/checkpoint"),
 ])
 def test_bad_settings_fail_validation(field, value, message):

@@ -122,7 +122,7 @@ def _check_run(workdir: pathlib.Path, stdout: str, divergence: str, preset: str,
     assert res["run"]["divergence"] == c.distill.divergence and res["training"]["steps"] == 2
     assert "τ before" in stdout and "temperature 1" in stdout
     assert list((workdir / "plots").glob("*.png"))
-    if c.distill.adaspec_fraction:
+    if c.distill.selection == "adaspec":
         assert "[distill] AdaSPEC reference draft: FKL for 2 steps" in stdout
         assert (workdir / "reference" / "metrics.jsonl").read_text()
 

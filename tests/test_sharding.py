@@ -69,7 +69,7 @@ def runs():
         if mesh_shape not in cache:
             mesh = shd.single_device_mesh() if mesh_shape == (1, 1, 1) else shd.make_mesh(*mesh_shape)
             cfg = h.SHARDING_CFG
-            cache[mesh_shape] = h.run_steps(cfg, mesh, cfg.total_steps, h.SHARDING_BATCH, h.SHARDING_SEQ,
+            cache[mesh_shape] = h.run_steps(cfg, mesh, cfg.steps, h.SHARDING_BATCH, h.SHARDING_SEQ,
                                             draft_layer_scale=h.SHARDING_DRAFT_SCALE)
         return cache[mesh_shape]
 

@@ -56,7 +56,8 @@ def test_grad_accumulation_equals_big_batch():
     divergence, fraction = "jsd", 0.4
     grads, metrics = {}, {}
     for accum in (1, 2):
-        cfg = train.TrainConfig(divergence=divergence, adaspec_fraction=fraction, loss_chunk=5, grad_accum_steps=accum)
+        cfg = train.TrainConfig(divergence=divergence, selection="adaspec", adaspec_fraction=fraction, loss_chunk=5,
+                                grad_accum_steps=accum)
         distiller = train.Distiller(cfg, h.make_draft(), h.make_target(), mesh, reference=h.make_draft(2))
         g, m = distiller.gradients(distiller.init_state().params, distiller.global_batch(batch))
         grads[accum], metrics[accum] = h.params_to_numpy(g), {k: float(v) for k, v in m.items()}
@@ -73,7 +74,7 @@ def test_grad_accumulation_equals_big_batch():
 # Checkpoints, resume, SIGTERM, NaN
 # ----------------------------------------------------------------------------------------------
 
-LOOP_CFG = train.TrainConfig(divergence="fkl", learning_rate=1e-2, warmup_steps=2, total_steps=6, loss_chunk=8,
+LOOP_CFG = train.TrainConfig(divergence="fkl", learning_rate=1e-2, warmup_steps=2, steps=6, loss_chunk=8,
                              checkpoint_every=3, keep_checkpoints=2, log_every=1)
 LOOP_BATCH, LOOP_SEQ = 4, 16
 
@@ -83,19 +84,19 @@ def _distiller(cfg: train.TrainConfig = LOOP_CFG) -> train.Distiller:
 
 
 def test_resume_after_crash_is_exact(tmp_path):
-    straight = train.run(LOOP_CFG, _distiller(), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ), tmp_path / "straight")
+    straight = train.run(_distiller(), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ), tmp_path / "straight")
     assert straight.step == 6 and not straight.preempted
 
     # The source fails while fetching the batch of step 5: steps 1-4 ran and were logged, the last
     # checkpoint is step 3. Step 4 is lost and must be recomputed identically.
     crashed = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train.run(LOOP_CFG, _distiller(), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ, fail_at=4), crashed)
+        train.run(_distiller(), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ, fail_at=4), crashed)
     assert sorted(_losses(crashed)) == [1, 2, 3, 4]
     assert checkpoint.Checkpointer(crashed, 2).latest_step() == 3
 
     # The resumed run's seed is different: the data RNG must come from the checkpoint, not the config.
-    resumed = train.run(dataclasses.replace(LOOP_CFG, seed=LOOP_CFG.seed + 1), _distiller(),
+    resumed = train.run(_distiller(dataclasses.replace(LOOP_CFG, seed=LOOP_CFG.seed + 1)),
                         h.SyntheticSource(LOOP_BATCH, LOOP_SEQ), crashed)
     assert (resumed.step, resumed.data_position) == (6, 6)
     want, got = _losses(tmp_path / "straight"), _losses(crashed)
@@ -130,8 +131,8 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     # checkpoint_every is 1000: this checkpoint can only come from the signal handler.
     assert checkpoint.Checkpointer(workdir, 2).latest_step() == stopped
 
-    cfg = train.TrainConfig(**{**sigterm_worker.SIGTERM_CFG, "total_steps": stopped + 2})
-    resumed = train.run(cfg, _distiller(cfg), h.SyntheticSource(sigterm_worker.BATCH, sigterm_worker.SEQ), workdir)
+    cfg = train.TrainConfig(**{**sigterm_worker.SIGTERM_CFG, "steps": stopped + 2})
+    resumed = train.run(_distiller(cfg), h.SyntheticSource(sigterm_worker.BATCH, sigterm_worker.SEQ), workdir)
     assert (resumed.step, resumed.data_position, resumed.preempted) == (stopped + 2, stopped + 2, False)
     assert sorted(_losses(workdir)) == list(range(1, stopped + 3))
 
@@ -147,10 +148,10 @@ def test_data_source_sees_the_current_draft(tmp_path):
             yield h.synthetic_batch(position, LOOP_BATCH, LOOP_SEQ)
             position += 1
 
-    cfg = dataclasses.replace(LOOP_CFG, total_steps=3, checkpoint_every=2)
+    cfg = dataclasses.replace(LOOP_CFG, steps=3, checkpoint_every=2)
     distiller = _distiller(cfg)
     initial = h.params_to_numpy(nnx.to_pure_dict(nnx.state(h.make_draft())))
-    result = train.run(cfg, distiller, source, tmp_path)
+    result = train.run(distiller, source, tmp_path)
     assert len(seen) == 3
     _assert_params_equal(seen[0], initial)
     after_two = checkpoint.Checkpointer(tmp_path, 2).restore(distiller.abstract_state(), step=2)[1]
@@ -162,7 +163,7 @@ def test_data_source_sees_the_current_draft(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = dataclasses.replace(LOOP_CFG, checkpoint_every=2)
     with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss at step 5: loss=nan.*checkpoint is step 4"):
-        train.run(cfg, _distiller(cfg), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ, nan_at=4), tmp_path)
+        train.run(_distiller(cfg), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ, nan_at=4), tmp_path)
     checkpointer = checkpoint.Checkpointer(tmp_path, 2)
     assert checkpointer.latest_step() == 4
     assert sorted(_losses(tmp_path)) == [1, 2, 3, 4]
@@ -181,8 +182,8 @@ EVAL_POSITION = 10**6  # a batch the training stream never yields
 
 def _distill(divergence: str, fraction: float | None = None, reference=None):
     """Distils a fresh 1-layer draft toward the 2-layer target; (metrics before, after, trained draft)."""
-    cfg = train.TrainConfig(divergence=divergence, adaspec_fraction=fraction, learning_rate=3e-3, warmup_steps=20,
-                            total_steps=LEARN_STEPS, loss_chunk=8)
+    cfg = train.TrainConfig(divergence=divergence, **h.selection(fraction), learning_rate=3e-3, warmup_steps=20,
+                            steps=LEARN_STEPS, loss_chunk=8)
     distiller = train.Distiller(cfg, h.make_draft(), h.make_target(), shd.single_device_mesh(), reference)
     state = distiller.init_state()
     eval_batch = distiller.global_batch(h.synthetic_batch(EVAL_POSITION, 64, LEARN_SEQ))
@@ -237,14 +238,14 @@ def test_bfloat16_target_runs_close_to_float32():
 
 def test_a_run_that_is_all_warmup_builds_its_optimizer():
     # optax's warmup + cosine schedule raises for a cosine part of 0 steps (warmup == total steps).
-    cfg = train.TrainConfig(learning_rate=1e-3, warmup_steps=4, total_steps=4)
+    cfg = train.TrainConfig(learning_rate=1e-3, warmup_steps=4, steps=4)
     train.make_optimizer(cfg)
     lr = train.learning_rate_schedule(cfg)
     assert [float(lr(t)) for t in range(5)] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])
 
 
 def test_learning_rate_schedule_warmup_and_cosine_floor():
-    cfg = train.TrainConfig(learning_rate=2e-3, warmup_steps=10, total_steps=110, end_lr_fraction=0.1)
+    cfg = train.TrainConfig(learning_rate=2e-3, warmup_steps=10, steps=110, end_lr_fraction=0.1)
     lr = train.learning_rate_schedule(cfg)
     np.testing.assert_allclose([float(lr(0)), float(lr(5)), float(lr(10))], [0.0, 1e-3, 2e-3], rtol=1e-6)
     np.testing.assert_allclose(float(lr(60)), 2e-3 * (0.1 + 0.9 * 0.5), rtol=1e-5)  # half way down the cosine
@@ -258,7 +259,7 @@ def test_learning_rate_schedule_warmup_and_cosine_floor():
     ({"adaspec_fraction": 1.5}, r"adaspec_fraction must be in \(0, 1\]"),
     ({"temperature": 0.0}, "temperature must be > 0"),
     ({"grad_accum_steps": 0}, "grad_accum_steps must be >= 1"),
-    ({"warmup_steps": 20, "total_steps": 10}, "warmup_steps must be in"),
+    ({"warmup_steps": 20, "steps": 10}, "warmup_steps must be in"),
 ])
 def test_bad_train_config_raises(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -275,7 +276,7 @@ def test_different_vocabularies_raise(change):
 
 def test_adaspec_without_reference_raises():
     with pytest.raises(ValueError, match="needs the reference draft"):
-        train.Distiller(train.TrainConfig(adaspec_fraction=0.4), h.make_draft(), h.make_target(),
+        train.Distiller(train.TrainConfig(selection="adaspec"), h.make_draft(), h.make_target(),
                         shd.single_device_mesh())
 
 
@@ -338,7 +339,7 @@ def _step_temp_bytes(remat: bool) -> int:
     deep = h.DRAFT_CFG.replace(num_hidden_layers=8)
     distiller = train.Distiller(cfg, h.make_draft(cfg=deep), h.make_target(), shd.single_device_mesh())
     batch = distiller.global_batch(h.synthetic_batch(0, 8, 256))
-    compiled = distiller._step.lower(distiller.abstract_state(), distiller.target_params, distiller.reference_params,
+    compiled = distiller._step.lower(distiller.abstract_state(), distiller.frozen,
                                      {k: batch[k] for k in data_source.BATCH_KEYS}).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
@@ -360,9 +361,9 @@ FALLBACK_CFG = dataclasses.replace(LOOP_CFG, checkpoint_every=2, keep_checkpoint
 def fallback_runs(tmp_path_factory):
     """An uninterrupted run, and one that crashed after step 5 (checkpoints at steps 2 and 4)."""
     root = tmp_path_factory.mktemp("fallback")
-    straight = train.run(FALLBACK_CFG, _distiller(FALLBACK_CFG), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ), root / "straight")
+    straight = train.run(_distiller(FALLBACK_CFG), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ), root / "straight")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train.run(FALLBACK_CFG, _distiller(FALLBACK_CFG), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ, fail_at=5),
+        train.run(_distiller(FALLBACK_CFG), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ, fail_at=5),
                   root / "crashed")
     resumer = _distiller(FALLBACK_CFG)  # resumed runs never need the initial draft: one compiled step serves all
     resumer.release_initial_params()
@@ -393,7 +394,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_and_resumes_exactly(fallback_run
     straight, root, resumer = fallback_runs
     crashed = _copy(root / "crashed", tmp_path / "crashed")
     _corrupt(crashed / checkpoint.CHECKPOINT_DIR / "4", how)
-    resumed = train.run(FALLBACK_CFG, resumer, h.SyntheticSource(LOOP_BATCH, LOOP_SEQ), crashed)
+    resumed = train.run(resumer, h.SyntheticSource(LOOP_BATCH, LOOP_SEQ), crashed)
     out = capsys.readouterr().out
     assert "checkpoint step 4" in out and "unreadable" in out and "resuming from step 2" in out
     assert (crashed / checkpoint.CHECKPOINT_DIR / "corrupt-4").is_dir()  # kept aside for a post-mortem
@@ -407,14 +408,14 @@ def test_no_restorable_checkpoint_is_a_clear_error(fallback_runs, tmp_path):
     for step in ("2", "4"):
         _corrupt(crashed / checkpoint.CHECKPOINT_DIR / step, "missing_meta")
     with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint in .*checkpoints restores.*fix: restore"):
-        train.run(FALLBACK_CFG, resumer, h.SyntheticSource(LOOP_BATCH, LOOP_SEQ), crashed)
+        train.run(resumer, h.SyntheticSource(LOOP_BATCH, LOOP_SEQ), crashed)
 
 
 def test_a_run_resumed_at_its_end_reports_the_last_metrics(fallback_runs, tmp_path):
     # Killed after the final checkpoint, before the caller wrote its summary: the rerun trains no step,
     # and the final metrics come from the checkpoint.
     straight, root, resumer = fallback_runs
-    again = train.run(FALLBACK_CFG, resumer, h.SyntheticSource(LOOP_BATCH, LOOP_SEQ),
+    again = train.run(resumer, h.SyntheticSource(LOOP_BATCH, LOOP_SEQ),
                       _copy(root / "straight", tmp_path / "straight"))
     assert again.step == straight.step == 6
     assert again.last_metrics == straight.last_metrics and straight.last_metrics["loss"] > 0
@@ -422,7 +423,7 @@ def test_a_run_resumed_at_its_end_reports_the_last_metrics(fallback_runs, tmp_pa
 
 def test_nan_before_any_checkpoint_says_there_is_none(tmp_path):
     with pytest.raises(train.NonFiniteLossError, match=r"step 2: loss=nan.*No checkpoint has been saved yet.*step 0"):
-        train.run(LOOP_CFG, _distiller(), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ, nan_at=1), tmp_path)
+        train.run(_distiller(), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ, nan_at=1), tmp_path)
 
 
 def test_batches_longer_than_the_models_positions_are_refused():

@@ -1,4 +1,4 @@
-"""DistillSpec's four data generators (design §4) as batch sources of the distillation loop.
+"""DistillSpec's four data generators (design §4), registered in GENERATORS, as batch sources of the loop.
 
     fixed   y from the dataset
     target  y ~ p(·|x), sampled once by the target before training (`generate_responses`, the data stage)
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from distillspec_jax import divergences as dv
+from distillspec_jax import objective
 from distillspec_jax import generate as gen
 from distillspec_jax import sharding as shd
 from distillspec_jax.data import pipeline
@@ -33,9 +33,36 @@ from distillspec_jax.models import qwen3
 from distillspec_jax.progress import Progress
 from distillspec_jax.sampling import Sampler
 
-GENERATORS = ("fixed", "target", "draft", "mix")
 MIX_OTHERS = ("target", "fixed")
+_MIX_OTHER = "mix_other"  # a generator's stored responses named by the config's generator.mix_other
 _MIX_STREAM = 0x6D6978  # separates the mix coin's random stream from data order ("mix")
+
+
+@dataclasses.dataclass(frozen=True)
+class Generator:
+    """A registered data generator: where each training example's response comes from."""
+
+    stored: str  # the responses kept with the examples: fixed (the dataset's) | target (sampled before) | ''
+    on_policy: bool  # the current draft samples responses during training (all rows, or the mix's share)
+
+    @property
+    def mixes(self) -> bool:
+        """Per example, a coin picks the draft's response or the stored one."""
+        return self.on_policy and bool(self.stored)
+
+
+GENERATORS: dict[str, Generator] = {
+    "fixed": Generator(stored="fixed", on_policy=False),
+    "target": Generator(stored="target", on_policy=False),
+    "draft": Generator(stored="", on_policy=True),
+    "mix": Generator(stored=_MIX_OTHER, on_policy=True),
+}
+
+
+def stored_responses(kind: str, mix_other: str) -> str:
+    """The stored responses generator `kind` trains on: 'fixed', 'target' (sampled by the data stage), or ''."""
+    stored = GENERATORS[kind].stored
+    return mix_other if stored == _MIX_OTHER else stored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +80,7 @@ class GeneratorSpec:
 
     def __post_init__(self):
         if self.kind not in GENERATORS:
-            raise ValueError(f"unknown generator {self.kind!r}; choose one of {GENERATORS}")
+            raise ValueError(f"unknown generator {self.kind!r}; choose one of {tuple(GENERATORS)}")
         # The mix settings are checked whatever the kind: a bad value is a typo even while it is unused.
         if not 0.0 <= self.mix_lambda <= 1.0:
             raise ValueError(f"generator.mix_lambda must be in [0, 1], got {self.mix_lambda}")
@@ -63,13 +90,21 @@ class GeneratorSpec:
             raise ValueError("generator.max_new_tokens and generator.regenerate_every must be >= 1")
 
     @property
+    def generator(self) -> Generator:
+        return GENERATORS[self.kind]
+
+    @property
+    def stored_responses(self) -> str:
+        return stored_responses(self.kind, self.mix_other)
+
+    @property
     def needs_target_responses(self) -> bool:
         """Whether the data stage must sample responses from the target first."""
-        return self.kind == "target" or (self.kind == "mix" and self.mix_other == "target")
+        return self.stored_responses == "target"
 
     @property
     def on_policy(self) -> bool:
-        return self.kind in ("draft", "mix")
+        return self.generator.on_policy
 
 
 def _generate_all(model: qwen3.Qwen3, local_prompts: dict[str, np.ndarray], spec: GeneratorSpec, rng: jax.Array,
@@ -121,7 +156,7 @@ def make_source(spec: GeneratorSpec, batcher: pipeline.Batcher, prompt_len: int,
 
     def offline(position: int) -> dict[str, np.ndarray]:
         packed = batcher.sequences(position, length=length)
-        return {"tokens": packed["tokens"], "loss_mask": dv.next_token_loss_mask(packed["response_mask"])}
+        return {"tokens": packed["tokens"], "loss_mask": objective.next_token_loss_mask(packed["response_mask"])}
 
     def on_policy(position: int, model: qwen3.Qwen3, context: data_source.DataContext) -> dict[str, np.ndarray]:
         prompts = batcher.prompts(position, length=prompt_len)
@@ -129,13 +164,13 @@ def make_source(spec: GeneratorSpec, batcher: pipeline.Batcher, prompt_len: int,
                                         context.mesh))
         tokens = _pad_to(out.sequences, length, spec.pad_id)
         response = _pad_to(out.response_mask.astype(np.float32), length, 0)
-        if spec.kind == "mix":
+        if spec.generator.mixes:
             other = batcher.sequences(position, length=length)
             rows = batcher.indices(position)[shd.host_slice(batcher.global_batch)]
             use_draft = mix_takes_draft(seed, position, rows, spec.mix_lambda)[:, None]
             tokens = np.where(use_draft, tokens, other["tokens"])
             response = np.where(use_draft, response, other["response_mask"])
-        return {"tokens": tokens.astype(np.int32), "loss_mask": dv.next_token_loss_mask(response)}
+        return {"tokens": tokens.astype(np.int32), "loss_mask": objective.next_token_loss_mask(response)}
 
     def batches(position: int, context: data_source.DataContext) -> Iterator[dict[str, np.ndarray]]:
         generator_model = None

@@ -57,8 +57,7 @@ def build_data(c: ConfigDict, workdir: str, models: Models, mesh,
     train_items = pipeline.tokenize(examples, task, models.tokenizer, **kwargs)
     eval_items = pipeline.tokenize(eval_examples, task, models.tokenizer, **kwargs)
     spec = generator_spec(c, models.eos_ids, models.pad_id)
-    if (spec.kind == "fixed" or (spec.kind == "mix" and spec.mix_other == "fixed")) and \
-            any(it.response is None for it in train_items):
+    if spec.stored_responses == "fixed" and any(it.response is None for it in train_items):
         raise ValueError(f"generator {spec.kind!r} trains on the dataset's responses, but task {d.task!r} on this "
                          "source has none; use generator.kind=target or draft")
     if len(train_items) < c.distill.batch_size:

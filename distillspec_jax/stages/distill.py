@@ -8,7 +8,6 @@ stage done).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
@@ -28,15 +27,8 @@ OUTPUT = f"{DISTILLED_DIR}/summary.json"
 
 
 def train_config(c: ConfigDict) -> train.TrainConfig:
-    """The distillation loop's settings from config.distill (validated by TrainConfig)."""
-    d = c.distill
-    return train.TrainConfig(
-        divergence=d.divergence, jsd_beta=d.jsd_beta, temperature=d.temperature,
-        adaspec_fraction=d.adaspec_fraction or None, loss_chunk=d.loss_chunk, learning_rate=d.learning_rate,
-        warmup_steps=d.warmup_steps, total_steps=d.steps, end_lr_fraction=d.end_lr_fraction,
-        weight_decay=d.weight_decay, b1=d.b1, b2=d.b2, grad_clip_norm=d.grad_clip_norm,
-        grad_accum_steps=d.grad_accum_steps, checkpoint_every=d.checkpoint_every, keep_checkpoints=d.keep_checkpoints,
-        log_every=d.log_every, remat=d.remat, seed=c.seed)
+    """The distillation loop's settings: config.distill in one hop (validated by TrainConfig)."""
+    return train.TrainConfig(**c.distill, seed=c.seed)
 
 
 def _batch_source(c: ConfigDict, workdir: str, models: Models, spec: generators.GeneratorSpec) -> data_source.BatchSource:
@@ -56,22 +48,21 @@ def distill(c: ConfigDict, workdir: str, models: Models, mesh) -> bool:
     tracking = dict(use_wandb=c.tracking.wandb, wandb_project=c.tracking.project, run_name=run_name,
                     tracking_options={"wandb_entity": c.tracking.entity, "wandb_tags": tuple(c.tracking.tags)})
     reference = None
-    if cfg.adaspec_fraction is not None:
-        # AdaSPEC's reference: the same initial draft distilled with FKL on the same data, then frozen.
-        ref_cfg = dataclasses.replace(cfg, divergence="fkl", adaspec_fraction=None,
-                                      total_steps=c.distill.adaspec_reference_steps or cfg.total_steps)
-        ref_cfg = dataclasses.replace(ref_cfg, warmup_steps=min(ref_cfg.warmup_steps, ref_cfg.total_steps))
+    if cfg.uses_reference:
+        # The selection's reference (AdaSPEC): the same initial draft distilled with FKL on the same data, frozen.
+        ref_cfg = cfg.reference_config()
         ref_distiller = train.Distiller(ref_cfg, load_draft(c, models.draft_dir, mesh), models.target, mesh)
-        print(f"[distill] AdaSPEC reference draft: FKL for {ref_cfg.total_steps} steps", flush=True)
-        ref = train.run(ref_cfg, ref_distiller, source, wd.path(workdir, REFERENCE_DIR), stage="reference",
+        print(f"[distill] {cfg.token_selection.title} reference draft: {ref_cfg.divergence.upper()} for "
+              f"{ref_cfg.steps} steps", flush=True)
+        ref = train.run(ref_distiller, source, wd.path(workdir, REFERENCE_DIR), stage="reference",
                         **{**tracking, "use_wandb": False})
         if ref.preempted:
             return False
         reference = ref_distiller.draft_model(ref.state.params)
-    distiller = train.Distiller(cfg, models.draft, models.target if cfg.loss_spec().uses_target else None, mesh,
+    distiller = train.Distiller(cfg, models.draft, models.target if cfg.uses_target else None, mesh,
                                 reference=reference)
     try:
-        result = train.run(cfg, distiller, source, wd.path(workdir), stage="distill", wandb_config=c.to_dict(),
+        result = train.run(distiller, source, wd.path(workdir), stage="distill", wandb_config=c.to_dict(),
                            **tracking)
     except train.NonFiniteLossError as err:
         raise train.NonFiniteLossError(

@@ -16,6 +16,7 @@ from ml_collections import ConfigDict
 
 from distillspec_jax import tracking
 from distillspec_jax import workdir as wd
+from distillspec_jax.selection import SELECTIONS
 from distillspec_jax.stages import distill, evaluation
 
 OUTPUT = "results.json"
@@ -37,6 +38,12 @@ def tau_checks(before: list[dict], after: list[dict]) -> dict[str, Any]:
             "every_gamma_ge_2": bool(improved) and all(up for (_, g), up in improved.items() if g >= 2)}
 
 
+def _selection(c: ConfigDict) -> dict[str, Any]:
+    """The token selection and, when it is not `all`, its hyperparameters (AdaSPEC: adaspec_fraction)."""
+    name = c.distill.selection
+    return {"selection": name, **{key: c.distill[key] for key in SELECTIONS[name].hyperparams}}
+
+
 def results(c: ConfigDict, workdir: str) -> dict[str, Any]:
     """results.json: the run's identity, both evaluations (one row per temperature and γ), training, checks."""
     before = wd.read_json(wd.path(workdir, evaluation.OUTPUTS["eval_before"])) or []
@@ -44,7 +51,7 @@ def results(c: ConfigDict, workdir: str) -> dict[str, Any]:
     return {
         "schema": RESULTS_SCHEMA,
         "run": {"name": os.path.basename(os.path.normpath(str(workdir))), "divergence": c.distill.divergence,
-                "jsd_beta": c.distill.jsd_beta, "adaspec_fraction": c.distill.adaspec_fraction,
+                "jsd_beta": c.distill.jsd_beta, **_selection(c),
                 "generator": c.generator.kind, "mix_lambda": c.generator.mix_lambda, "seed": c.seed,
                 "target": c.target.model, "draft": c.draft.model, "task": c.data.task, "steps": c.distill.steps},
         "before": before,

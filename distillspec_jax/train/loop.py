@@ -1,0 +1,180 @@
+"""The training loop around the jitted step: Orbax checkpoints, resume, SIGTERM, the non-finite guard and
+metrics (design §6, §7); and `pretrain`, the same step and loop for next-token pre-training of one model.
+
+The batches come from a `data.source.BatchSource` (the protocol is documented there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from distillspec_jax import tracking
+from distillspec_jax.checkpoint import Checkpointer
+from distillspec_jax.data.source import BatchSource, DataContext
+from distillspec_jax.errors import UserError
+from distillspec_jax.models import qwen3
+from distillspec_jax.progress import Progress
+from distillspec_jax.train.config import TrainConfig
+from distillspec_jax.train.distiller import Distiller
+from distillspec_jax.train.state import TrainState
+
+
+class LoopResult(NamedTuple):
+    state: TrainState
+    step: int  # optimizer steps done (the restored ones included)
+    data_position: int  # batches consumed
+    preempted: bool  # stopped by SIGTERM after saving a checkpoint
+    last_metrics: dict[str, float]  # metrics of the last step (this call's, else the restored checkpoint's)
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """A step produced a NaN or infinite loss or gradient; the state of that step was not saved."""
+
+
+def _non_finite_message(step: int, host: dict[str, float], position: int, checkpointer: Checkpointer) -> str:
+    """What happened, and what a rerun does: resume from the newest checkpoint, or start again at step 0."""
+    checkpointer.wait()  # a save in flight counts: it completes before the loop's caller sees this error
+    latest = checkpointer.latest_step()
+    if latest is None:
+        where = (f"No checkpoint has been saved yet in {checkpointer.directory}: a rerun starts again from "
+                 "step 0")
+    else:
+        where = f"The newest checkpoint is step {latest} in {checkpointer.directory}: a rerun resumes from it"
+    return (f"non-finite loss at step {step}: loss={host['loss']} grad_norm={host['grad_norm']} (data position "
+            f"{position}). The state of this step was not saved. {where}. Lower the learning rate, or check the "
+            "data at that position.")
+
+
+class _StopSignal:
+    """SIGTERM (preemption) sets a flag that the loop checks between steps; the handler does no work
+    itself, so a step is never interrupted half way. Installed only from the main thread."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        del frame
+        logging.warning("signal %d received: saving a checkpoint after the current step, then stopping", signum)
+        self.requested = True
+
+    def __enter__(self) -> _StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop: all hosts must stop after the same step."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.asarray([self.requested]))))
+
+
+def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def run(distiller: Distiller, batches: BatchSource, workdir: str | os.PathLike, *,
+        use_wandb: bool = False, wandb_project: str = "distillspec-jax", run_name: str | None = None,
+        stage: str = "train", wandb_config: dict[str, Any] | None = None,
+        tracking_options: dict[str, Any] | None = None) -> LoopResult:
+    """Trains `distiller`'s draft until its cfg.steps, resuming from `workdir/checkpoints` when a checkpoint is there.
+
+    Progress lines (rate, ETA, loss, acceptance) are printed under the label `stage`. W&B logs
+    `wandb_config` (default: cfg) as the run config; tracking_options go to `tracking.MetricsLogger`.
+
+    Checkpoints every cfg.checkpoint_every steps, at the end, and on SIGTERM (then returns with
+    preempted=True). A NaN or infinite loss or gradient norm raises NonFiniteLossError naming the
+    step; that state is never saved, so the last checkpoint stays the last good one.
+    """
+    cfg = distiller.cfg
+    checkpointer = Checkpointer(workdir, cfg.keep_checkpoints)
+    restored = checkpointer.restore_newest(distiller.abstract_state())
+    # The last step's metrics come from the checkpoint, not this process's memory: a run that resumes at
+    # its final checkpoint (killed before its caller wrote a summary) trains no step, yet reports them.
+    last_metrics: dict[str, float] = {}
+    if restored is not None:
+        step, state, position, rng, last_metrics = restored
+        distiller.release_initial_params()
+        logging.info("resumed from %s at step %d (data position %d)", checkpointer.directory, step, position)
+    else:
+        step, state, position, rng = 0, distiller.init_state(), 0, jax.random.key(cfg.seed)
+    current = {"params": state.params}
+    context = DataContext(rng=rng, draft=lambda: distiller.draft_model(current["params"]), mesh=distiller.mesh)
+    logger = tracking.MetricsLogger(workdir, resume_step=step, use_wandb=use_wandb, wandb_project=wandb_project,
+                                    run_name=run_name, config=wandb_config or dataclasses.asdict(cfg),
+                                    **(tracking_options or {}))
+    progress = Progress(stage, cfg.steps, start=step)
+    preempted = False
+    try:
+        with _StopSignal() as stop:
+            stream = batches(position, context)
+            tokens_since_log, positions_since_log, time_since_log = 0.0, 0, time.perf_counter()
+            while step < cfg.steps:
+                if stop.agreed():
+                    checkpointer.save(step, state, position, rng, last_metrics)
+                    preempted = True
+                    logging.warning("stopped at step %d on request; checkpoint saved", step)
+                    break
+                try:
+                    local = next(stream)
+                except StopIteration:
+                    raise RuntimeError(f"the data source ended at position {position}, before step "
+                                       f"{step + 1} of {cfg.steps}") from None
+                batch = distiller.global_batch(local)
+                position += 1
+                state, metrics = distiller.step(state, batch)
+                current["params"] = state.params
+                host = _host_metrics(metrics)  # one small transfer per step: the guard below needs it
+                if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
+                    raise NonFiniteLossError(_non_finite_message(step + 1, host, position - 1, checkpointer))
+                host["learning_rate"] = float(distiller.schedule(step))  # the rate this update used
+                step += 1
+                progress.update(note=f"loss {host['loss']:.4f}, acceptance {host['acceptance']:.3f}")
+                positions_since_log += int(np.prod(batch["tokens"].shape))  # what the step computes on
+                tokens_since_log += host["tokens"]  # what the loss counts (response tokens, no padding)
+                last_metrics = host
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    elapsed = time.perf_counter() - time_since_log
+                    logger.log(step, {**host, "data_position": position,
+                                      "tokens_per_s": tokens_since_log / max(elapsed, 1e-9),
+                                      "positions_per_s": positions_since_log / max(elapsed, 1e-9)})
+                    tokens_since_log, positions_since_log, time_since_log = 0.0, 0, time.perf_counter()
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    checkpointer.save(step, state, position, rng, host)
+            progress.done()
+    finally:
+        checkpointer.wait()  # a save in flight completes; nothing of a failed step is written
+        checkpointer.close()
+        logger.close()
+    return LoopResult(state, step, position, preempted, last_metrics)
+
+
+def pretrain(cfg: TrainConfig, model: qwen3.Qwen3, batches: BatchSource, workdir: str | os.PathLike, mesh, *,
+             stage: str = "pretrain") -> tuple[qwen3.Qwen3, LoopResult]:
+    """Next-token pre-training of one model by the distillation step and loop themselves (no target): the
+    `:tiny` models are built this way. cfg's divergence must use no target (`ce`, the cross-entropy on the
+    batch's own next tokens). Resumable and checkpointed like `run`. Returns the trained model and the loop's
+    result (check `preempted`: a stopped run's model is only part trained)."""
+    if cfg.uses_target:
+        raise ValueError(f"pre-training trains on the batch's own tokens; divergence {cfg.divergence!r} needs "
+                         "a target (use divergence='ce')")
+    distiller = Distiller(cfg, model, None, mesh)
+    result = run(distiller, batches, workdir, stage=stage)
+    return distiller.draft_model(result.state.params), result
