@@ -135,8 +135,8 @@ def run_transfer(out: str, preset: str, seed: int, steps: int | None) -> None:
     stages.data.build_data(c, workdir, models, mesh)
     distilled = stages.distill.distilled_draft(c, os.path.join(out, "cells", name), mesh)
     result = {"cell": name, "domain": "stdlib_docstrings",
-              "before": stages.evaluation.evaluate(c, workdir, models, models.draft, mesh, "transfer: before"),
-              "after": stages.evaluation.evaluate(c, workdir, models, distilled, mesh, "transfer: after")}
+              "before": stages.evaluation.speculative_sweep(c, workdir, models, models.draft, mesh, "transfer: before"),
+              "after": stages.evaluation.speculative_sweep(c, workdir, models, distilled, mesh, "transfer: after")}
     wd.write_json(wd.path(target_file), result)
 
 

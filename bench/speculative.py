@@ -39,7 +39,7 @@ from flax import nnx
 from bench import common
 from distillspec_jax import decoding
 from distillspec_jax import evaluate as ev
-from distillspec_jax import speculative as spec
+from distillspec_jax import speculative
 from distillspec_jax.evaluate import median_seconds
 from distillspec_jax.models import qwen3
 from distillspec_jax.sampling import Sampler
@@ -91,15 +91,15 @@ def sweep(target: qwen3.Qwen3, draft: qwen3.Qwen3, prompts: np.ndarray, lens: np
     rows = []
     for g in gammas:
         common.log(f"  gamma={g}")
-        compiled = spec.compiled_cache_size()
+        compiled = speculative.compiled_cache_size()
         start = time.perf_counter()
-        jax.block_until_ready(spec.speculative_generate(target, draft, prompts, lens, g, new_tokens, GREEDY, rng,
+        jax.block_until_ready(speculative.speculative_generate(target, draft, prompts, lens, g, new_tokens, GREEDY, rng,
                                                         eos_ids=()))
         first_call_s = time.perf_counter() - start
         entry = ev.measure_speculative(target, draft, prompts, lens, g, new_tokens, GREEDY, rng, eos_ids=(),
                                        runs=runs, target_time_s=target_time_s, cost=c,
                                        verify_ratio=verify_s[g] / target_step_s)
-        recompiles = spec.compiled_cache_size() - compiled - 1  # the first call compiles once, nothing after
+        recompiles = speculative.compiled_cache_size() - compiled - 1  # the first call compiles once, nothing after
         # Σ batch_blocks over rows = rows · blocks (every row of a batch counts every iteration).
         blocks = round(entry["emitted_tokens"] / (entry["batch_block_efficiency"] * entry["rows"]))
         wall = entry["speculative_time_s"]

@@ -52,7 +52,7 @@ from distillspec_jax import errors
 from distillspec_jax import evaluate as ev
 from distillspec_jax import generate as gen
 from distillspec_jax import sharding as shd
-from distillspec_jax import speculative as spec
+from distillspec_jax import speculative
 from distillspec_jax import train
 from distillspec_jax.data import generators, pipeline
 from distillspec_jax.models import convert, qwen3
@@ -505,7 +505,7 @@ def programs(run: Run) -> list[Program]:
             for gamma in gammas:
                 p, lens = prompts(s.eval_batch, s.prompt_len)
                 lower = functools.partial(
-                    spec._speculative_jit.lower, tg, dg, ts, ds, p, lens, rng, gamma=gamma,
+                    speculative._speculative_jit.lower, tg, dg, ts, ds, p, lens, rng, gamma=gamma,
                     max_new_tokens=s.eval_tokens, sampler=sampler, eos_ids=_eos_ids(target.cfg),
                     pad_id=decoding.DEFAULT_PAD_ID,
                     cache_len=decoding.required_cache_len(s.prompt_len, s.eval_tokens, gamma), return_sequences=False,

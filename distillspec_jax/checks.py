@@ -191,16 +191,16 @@ def _check_data(f: _Fields) -> None:
     name, split, eval_split = f.text("data.name"), f.text("data.split"), f.text("data.eval_split")
     f.text("data.config_name")
     f.text("data.data_dir")
-    spec = sources.SOURCES[source]
-    if spec.splitless and eval_split:
+    entry = sources.SOURCES[source]
+    if entry.splitless and eval_split:
         raise field_error("data.eval_split", eval_split, f"'' for source {source!r}, which has no splits (evaluation "
                           "prompts are held out of its examples instead)", "--config.data.eval_split=''")
-    if spec.needs_name and not name:
+    if entry.needs_name and not name:
         raise field_error("data.name", name, f"a dataset id or file path for source {source!r}",
                           "--config.data.name=<hub id or path>")
     if source == "jsonl" and not os.path.isfile(os.path.expanduser(name)):
         raise field_error("data.name", name, "an existing JSONL file (it does not exist)", "fix the path")
-    if not spec.splitless and not split:
+    if not entry.splitless and not split:
         raise field_error("data.split", split, f"the split to train on (source {source!r} has splits)",
                           "--config.data.split=train")
     if source == "tfds":

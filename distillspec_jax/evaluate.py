@@ -30,7 +30,7 @@ from distillspec_jax import objective
 from distillspec_jax.divergences import total_variation
 from distillspec_jax import generate as gen
 from distillspec_jax import sampling
-from distillspec_jax import speculative as spec
+from distillspec_jax import speculative
 from distillspec_jax.models import qwen3
 from distillspec_jax.sampling import Sampler
 
@@ -166,7 +166,7 @@ def acceptance_from_sequences(target: qwen3.Qwen3, draft: qwen3.Qwen3, sequences
     acceptance 1[argmax p = argmax q] is too coarse per position, and temperature 1 is where a distilled
     draft's distribution is trained to match), so α̂ at temperature 0 is an estimate, not the exact rate.
     """
-    spec.check_pair(target, draft)
+    speculative.check_pair(target, draft)
     response_mask_bs = jnp.asarray(response_mask_bs, bool)
     predicts_bs = objective.next_token_shift(response_mask_bs)  # position s predicts token s + 1
     count = int(jnp.sum(predicts_bs))
@@ -213,10 +213,10 @@ def measure_speculative(target: qwen3.Qwen3, draft: qwen3.Qwen3, prompts_bt, pro
     """One γ: the run's statistics (`speculative.summarize`), its median wall time (runs = 0 skips timing), and,
     when given, the measured speedup against `target_time_s`, the predicted speedup from c = `cost` (also with
     the measured verification cost `verify_ratio`), and τ̂ from `alpha_hat`."""
-    call = functools.partial(spec.speculative_generate, target, draft, prompts_bt, prompt_lens_b, gamma,
+    call = functools.partial(speculative.speculative_generate, target, draft, prompts_bt, prompt_lens_b, gamma,
                              max_new_tokens, sampler, rng, eos_ids=eos_ids)
     seconds, out = median_seconds(call, runs=runs) if runs > 0 else (None, call())
-    return _sweep_entry(gamma, sampler, spec.summarize(out.stats), seconds, target_time_s, cost, verify_ratio,
+    return _sweep_entry(gamma, sampler, speculative.summarize(out.stats), seconds, target_time_s, cost, verify_ratio,
                         alpha_hat)
 
 
@@ -283,12 +283,12 @@ def gamma_sweep(target: qwen3.Qwen3, draft: qwen3.Qwen3, batches: Sequence[Promp
     for g in gammas:
         seconds, stats = 0.0, []
         for i, (p, lens) in enumerate(batches):
-            call = functools.partial(spec.speculative_generate, target, draft, p, lens, g, max_new_tokens, sampler,
+            call = functools.partial(speculative.speculative_generate, target, draft, p, lens, g, max_new_tokens, sampler,
                                      _batch_rng(rng, i), eos_ids=eos_ids)
             elapsed, out = median_seconds(call, runs=runs) if measure_time else (0.0, call())
             seconds += elapsed
             stats.append(out.stats)
-        results.append(_sweep_entry(g, sampler, spec.summarize(spec.merge_stats(stats)),
+        results.append(_sweep_entry(g, sampler, speculative.summarize(speculative.merge_stats(stats)),
                                     seconds if measure_time else None, target_time_s, cost, verify[g], alpha_hat))
         if on_gamma is not None:
             on_gamma(g)

@@ -76,7 +76,7 @@ def single_device_mesh() -> Mesh:
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, name: str = "") -> PartitionSpec:
     """PartitionSpec of one parameter from its logical axes; a dimension the mesh does not divide is an error."""
-    spec = []
+    partition = []
     for axis, size in zip(axes, shape):
         mesh_axis = LOGICAL_RULES[axis] if axis is not None else None
         if mesh_axis is not None and mesh.shape[mesh_axis] > 1:
@@ -85,10 +85,10 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
                     f"parameter {name or axes}: dimension {axis!r} of size {size} does not divide over mesh axis "
                     f"{mesh_axis!r} of size {mesh.shape[mesh_axis]}; choose mesh sizes that divide it"
                 )
-            spec.append(mesh_axis)
+            partition.append(mesh_axis)
         else:
-            spec.append(None)
-    return PartitionSpec(*spec)
+            partition.append(None)
+    return PartitionSpec(*partition)
 
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:

@@ -1,8 +1,6 @@
 """Data sources, task templates (Qwen3 chat format), tokenisation and deterministic batching."""
 
 import json
-import os
-import pathlib
 
 import numpy as np
 import pytest

@@ -375,3 +375,20 @@ def test_next_token_alignment():
     np.testing.assert_array_equal(np.asarray(objective.next_token_shift(tokens)), [[6, 7, 8, 0, 0]])
     # Position 1 generates token 7 and position 2 generates token 8: those are trained.
     np.testing.assert_array_equal(np.asarray(objective.next_token_loss_mask(response)), [[0, 1, 1, 0, 0]])
+
+
+def test_a_registered_token_selection_weights_the_loss(monkeypatch):
+    """The loss takes its weights from the selection registry by name: a selection registered here (the first
+    counted position of each row only) gives the FKL mean over exactly those tokens (float64 NumPy)."""
+    def first_position(counted_bt, score_bt):
+        del score_bt
+        return counted_bt * (jnp.arange(counted_bt.shape[1]) == 0)[None, :]
+
+    monkeypatch.setitem(selection.SELECTIONS, "first_position", selection.Selection(first_position, "first"))
+    p, q, _, mask, _ = random_inputs(12)
+    mask[:, 0] = 1
+    spec = loss_spec(divergence="fkl", temperature=TEMPERATURE, selection="first_position", chunk=3)
+    loss, metrics = objective.loss_from_logits(spec, p, q, mask, REAL_V)
+    kl_bt = np_kl(np_log_probs(p, TEMPERATURE, REAL_V), np_log_probs(q, TEMPERATURE, REAL_V))
+    np.testing.assert_allclose(float(loss), kl_bt[:, 0].mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["divergence"]), np_loss("fkl", p, q, mask)[0], rtol=1e-5)

@@ -187,11 +187,11 @@ def _distill(divergence: str, fraction: float | None = None, reference=None):
     distiller = train.Distiller(cfg, h.make_draft(), h.make_target(), shd.single_device_mesh(), reference)
     state = distiller.init_state()
     eval_batch = distiller.global_batch(h.synthetic_batch(EVAL_POSITION, 64, LEARN_SEQ))
-    before = {k: float(v) for k, v in distiller.evaluate(state.params, eval_batch).items()}
+    before = {k: float(v) for k, v in distiller.loss_metrics(state.params, eval_batch).items()}
     stream = h.SyntheticSource(LEARN_BATCH, LEARN_SEQ)(0, None)
     for _ in range(LEARN_STEPS):
         state, _ = distiller.step(state, distiller.global_batch(next(stream)))
-    after = {k: float(v) for k, v in distiller.evaluate(state.params, eval_batch).items()}
+    after = {k: float(v) for k, v in distiller.loss_metrics(state.params, eval_batch).items()}
     return before, after, distiller.draft_model(state.params)
 
 
@@ -225,7 +225,7 @@ def test_bfloat16_target_runs_close_to_float32():
         target = h.make_target(cfg=h.TARGET_CFG.replace(dtype=dtype))
         distiller = train.Distiller(cfg, h.make_draft(), target, mesh)
         state = distiller.init_state()
-        losses[dtype] = float(distiller.evaluate(state.params, distiller.global_batch(batch))["loss"])
+        losses[dtype] = float(distiller.loss_metrics(state.params, distiller.global_batch(batch))["loss"])
     print(f"FKL with a float32 target {losses['float32']:.5f}, bfloat16 target {losses['bfloat16']:.5f}")
     assert losses["bfloat16"] != losses["float32"]
     np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)
@@ -234,6 +234,32 @@ def test_bfloat16_target_runs_close_to_float32():
 # ----------------------------------------------------------------------------------------------
 # Settings and errors
 # ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config_file", ["fkl", "rkl", "jsd", "tvd", "adaspec"])
+@pytest.mark.parametrize("preset", ["", "0.6b-1.7b", "1.7b-32b", "tiny", "study", "test"])
+def test_config_distill_is_train_config_in_one_hop(config_file, preset):
+    """config.distill's fields are TrainConfig's (the loss's among them, declared once in LossSpec), with the
+    same names and nothing left over: the distill stage builds it as TrainConfig(**c.distill, seed=c.seed)."""
+    import importlib
+
+    from distillspec_jax.stages import distill as distill_stage
+
+    c = importlib.import_module(f"configs.{config_file}").get_config(preset)
+    fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    assert set(c.distill.keys()) == fields - {"seed"}
+    cfg = distill_stage.train_config(c)
+    assert all(getattr(cfg, k) == c.distill[k] for k in c.distill.keys()) and cfg.seed == c.seed
+    assert cfg.uses_reference == (config_file == "adaspec")
+
+
+def test_the_reference_run_of_adaspec_is_fkl_on_every_token():
+    cfg = train.TrainConfig(divergence="jsd", selection="adaspec", steps=40, warmup_steps=30, reference_steps=10)
+    ref = cfg.reference_config()
+    assert (ref.divergence, ref.selection, ref.steps, ref.warmup_steps) == ("fkl", "all", 10, 10)
+    assert dataclasses.replace(cfg, reference_steps=0).reference_config().steps == 40
+    with pytest.raises(ValueError, match="uses no reference draft"):
+        train.TrainConfig().reference_config()
 
 
 def test_a_run_that_is_all_warmup_builds_its_optimizer():

@@ -107,14 +107,14 @@ class GeneratorSpec:
         return self.generator.on_policy
 
 
-def _generate_all(model: qwen3.Qwen3, local_prompts: dict[str, np.ndarray], spec: GeneratorSpec, rng: jax.Array,
-                  mesh) -> gen.GenerationOutput:
+def _generate_all(model: qwen3.Qwen3, local_prompts: dict[str, np.ndarray], generation: GeneratorSpec,
+                  rng: jax.Array, mesh) -> gen.GenerationOutput:
     """Samples responses for this host's prompt rows with a (possibly sharded) model; returns every host's
     rows as NumPy arrays (the global batch), on every host."""
     prompts_bt = shd.global_batch(local_prompts["prompts"], mesh)
     lens_b = shd.global_batch(local_prompts["prompt_lens"], mesh)
-    out = gen.generate(model, prompts_bt, lens_b, spec.max_new_tokens, spec.sampler, rng, eos_ids=spec.eos_ids,
-                       pad_id=spec.pad_id, return_sequences=True)
+    out = gen.generate(model, prompts_bt, lens_b, generation.max_new_tokens, generation.sampler, rng,
+                       eos_ids=generation.eos_ids, pad_id=generation.pad_id, return_sequences=True)
     return gen.GenerationOutput(**shd.to_host(out._asdict()))
 
 
@@ -123,8 +123,8 @@ def _local_rows(out: gen.GenerationOutput) -> gen.GenerationOutput:
     return gen.GenerationOutput(**{k: None if v is None else v[rows] for k, v in out._asdict().items()})
 
 
-def generate_responses(model: qwen3.Qwen3, prompts: Sequence[np.ndarray], spec: GeneratorSpec, batch_rows: int,
-                       prompt_len: int, rng: jax.Array, mesh, stage: str = "data") -> list[np.ndarray]:
+def generate_responses(model: qwen3.Qwen3, prompts: Sequence[np.ndarray], generation: GeneratorSpec,
+                       batch_rows: int, prompt_len: int, rng: jax.Array, mesh, stage: str = "data") -> list[np.ndarray]:
     """Samples one response per prompt (the target-generated data): [len(prompts)] int32 arrays, on every host.
 
     Batches of `batch_rows` global rows with one static prompt length; the last batch is filled up with
@@ -138,18 +138,20 @@ def generate_responses(model: qwen3.Qwen3, prompts: Sequence[np.ndarray], spec: 
         chunk = list(prompts[i * batch_rows : (i + 1) * batch_rows])
         real = len(chunk)
         chunk += [prompts[0]] * (batch_rows - real)
-        padded = pipeline.pad_prompts(chunk, prompt_len, spec.pad_id)
-        out = _generate_all(model, {k: v[local] for k, v in padded.items()}, spec, jax.random.fold_in(rng, i), mesh)
+        padded = pipeline.pad_prompts(chunk, prompt_len, generation.pad_id)
+        out = _generate_all(model, {k: v[local] for k, v in padded.items()}, generation, jax.random.fold_in(rng, i),
+                            mesh)
         responses += [out.tokens[b, : out.lengths[b]].astype(np.int32) for b in range(real)]
         progress.update(note=f"{sum(len(r) for r in responses)} tokens")
     progress.done()
     return responses
 
 
-def make_source(spec: GeneratorSpec, batcher: pipeline.Batcher, prompt_len: int, seed: int) -> data_source.BatchSource:
-    """The training batch source of `spec.kind` over `batcher`'s examples (whose responses are the fixed,
+def make_source(generation: GeneratorSpec, batcher: pipeline.Batcher, prompt_len: int,
+                seed: int) -> data_source.BatchSource:
+    """The training batch source of `generation.kind` over `batcher`'s examples (whose responses are the fixed,
     or the target-generated, ones). prompt_len: the static padded prompt length of generation."""
-    response_len = spec.max_new_tokens
+    response_len = generation.max_new_tokens
     if batcher.items and any(it.response is not None for it in batcher.items):
         response_len = max(response_len, max(len(it.response) for it in batcher.items if it.response is not None))
     length = prompt_len + response_len  # static L of every batch
@@ -160,14 +162,14 @@ def make_source(spec: GeneratorSpec, batcher: pipeline.Batcher, prompt_len: int,
 
     def on_policy(position: int, model: qwen3.Qwen3, context: data_source.DataContext) -> dict[str, np.ndarray]:
         prompts = batcher.prompts(position, length=prompt_len)
-        out = _local_rows(_generate_all(model, prompts, spec, jax.random.fold_in(context.rng, position),
+        out = _local_rows(_generate_all(model, prompts, generation, jax.random.fold_in(context.rng, position),
                                         context.mesh))
-        tokens = _pad_to(out.sequences, length, spec.pad_id)
+        tokens = _pad_to(out.sequences, length, generation.pad_id)
         response = _pad_to(out.response_mask.astype(np.float32), length, 0)
-        if spec.generator.mixes:
+        if generation.generator.mixes:
             other = batcher.sequences(position, length=length)
             rows = batcher.indices(position)[shd.host_slice(batcher.global_batch)]
-            use_draft = mix_takes_draft(seed, position, rows, spec.mix_lambda)[:, None]
+            use_draft = mix_takes_draft(seed, position, rows, generation.mix_lambda)[:, None]
             tokens = np.where(use_draft, tokens, other["tokens"])
             response = np.where(use_draft, response, other["response_mask"])
         return {"tokens": tokens.astype(np.int32), "loss_mask": objective.next_token_loss_mask(response)}
@@ -175,11 +177,11 @@ def make_source(spec: GeneratorSpec, batcher: pipeline.Batcher, prompt_len: int,
     def batches(position: int, context: data_source.DataContext) -> Iterator[dict[str, np.ndarray]]:
         generator_model = None
         while True:
-            if not spec.on_policy:
+            if not generation.on_policy:
                 yield offline(position)
             else:
-                if generator_model is None or position % spec.regenerate_every == 0:
-                    generator_model = _snapshot(context.draft(), copy=spec.regenerate_every > 1)
+                if generator_model is None or position % generation.regenerate_every == 0:
+                    generator_model = _snapshot(context.draft(), copy=generation.regenerate_every > 1)
                 yield on_policy(position, generator_model, context)
             position += 1
 

@@ -277,11 +277,11 @@ def _source(source: str) -> Source:
 
 def check_source(source: str, name: str, split: str, eval_split: str) -> None:
     """The checks `load` would make that need no data: run before any model is loaded or converted."""
-    spec = _source(source)
-    if spec.splitless and eval_split:
+    entry = _source(source)
+    if entry.splitless and eval_split:
         raise DataSourceError(f"data source {source!r} has no splits, so eval_split={eval_split!r} would evaluate "
                               "on training examples; set config.data.eval_split='' to hold evaluation prompts out")
-    if spec.needs_name and not name:
+    if entry.needs_name and not name:
         raise DataSourceError(f"data source {source!r} needs config.data.name (a dataset id or a file path)")
     if source == "jsonl" and not pathlib.Path(name).is_file():
         raise DataSourceError(f"JSONL file {name!r} does not exist")

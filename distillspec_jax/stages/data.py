@@ -26,7 +26,7 @@ TARGET_RESPONSES = "target_responses.json"
 
 
 def generator_spec(c: ConfigDict, eos_ids: tuple[int, ...] = (), pad_id: int = 0) -> generators.GeneratorSpec:
-    """config.generator as the data generator's spec (the run's EOS and pad ids added)."""
+    """config.generator as the data generator's GeneratorSpec (the run's EOS and pad ids added)."""
     g = c.generator
     return generators.GeneratorSpec(
         kind=g.kind, sampler=Sampler(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p),
@@ -56,20 +56,20 @@ def build_data(c: ConfigDict, workdir: str, models: Models, mesh,
                   enable_thinking=d.enable_thinking)
     train_items = pipeline.tokenize(examples, task, models.tokenizer, **kwargs)
     eval_items = pipeline.tokenize(eval_examples, task, models.tokenizer, **kwargs)
-    spec = generator_spec(c, models.eos_ids, models.pad_id)
-    if spec.stored_responses == "fixed" and any(it.response is None for it in train_items):
-        raise ValueError(f"generator {spec.kind!r} trains on the dataset's responses, but task {d.task!r} on this "
-                         "source has none; use generator.kind=target or draft")
+    generation = generator_spec(c, models.eos_ids, models.pad_id)
+    if generation.stored_responses == "fixed" and any(it.response is None for it in train_items):
+        raise ValueError(f"generator {generation.kind!r} trains on the dataset's responses, but task {d.task!r} on "
+                         "this source has none; use generator.kind=target or draft")
     if len(train_items) < c.distill.batch_size:
         raise ValueError(f"{len(train_items)} training examples cannot fill config.distill.batch_size="
                          f"{c.distill.batch_size}")
     print(f"[data] {len(train_items)} training and {len(eval_items)} evaluation prompts ({d.source}:{d.name or d.task})",
           flush=True)
     data_dir = wd.path(workdir, DATA_DIR)
-    if spec.needs_target_responses:
+    if generation.needs_target_responses:
         prompt_len = pipeline.round_up(max(len(it.prompt) for it in train_items), d.pad_multiple)
         responses = generators.generate_responses(
-            models.target, [it.prompt for it in train_items], spec, c.distill.batch_size, prompt_len,
+            models.target, [it.prompt for it in train_items], generation, c.distill.batch_size, prompt_len,
             jax.random.fold_in(jax.random.key(c.seed), 1), mesh, stage="data: target responses")
         wd.write_json(data_dir / TARGET_RESPONSES, [r.tolist() for r in responses])
     wd.write_json(data_dir / "eval.json", _items_to_json(eval_items))
@@ -85,10 +85,10 @@ def load_data(workdir: str, which: str) -> list[pipeline.Tokenized]:
     return _items_from_json(obj)
 
 
-def training_items(c: ConfigDict, workdir: str, spec: generators.GeneratorSpec) -> list[pipeline.Tokenized]:
+def training_items(c: ConfigDict, workdir: str, generation: generators.GeneratorSpec) -> list[pipeline.Tokenized]:
     """The training items, with the target's responses in place of the dataset's when the generator needs them."""
     items = load_data(workdir, "train")
-    if spec.needs_target_responses:
+    if generation.needs_target_responses:
         responses = wd.read_json(wd.path(workdir, DATA_DIR, TARGET_RESPONSES))
         if responses is None:
             raise FileNotFoundError("the target-generated responses are missing; rerun the data stage")

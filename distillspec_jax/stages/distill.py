@@ -31,22 +31,23 @@ def train_config(c: ConfigDict) -> train.TrainConfig:
     return train.TrainConfig(**c.distill, seed=c.seed)
 
 
-def _batch_source(c: ConfigDict, workdir: str, models: Models, spec: generators.GeneratorSpec) -> data_source.BatchSource:
-    items = training_items(c, workdir, spec)
+def _batch_source(c: ConfigDict, workdir: str, models: Models,
+                  generation: generators.GeneratorSpec) -> data_source.BatchSource:
+    items = training_items(c, workdir, generation)
     batcher = pipeline.Batcher(items, c.distill.batch_size, c.seed, models.pad_id, c.data.pad_multiple, c.data.bucket,
                                host_index=jax.process_index(), host_count=jax.process_count())
     prompt_len = pipeline.round_up(max(len(it.prompt) for it in items), c.data.pad_multiple)
-    return generators.make_source(spec, batcher, prompt_len, c.seed)
+    return generators.make_source(generation, batcher, prompt_len, c.seed)
 
 
 def distill(c: ConfigDict, workdir: str, models: Models, mesh) -> bool:
     """Trains the draft; returns False when stopped by SIGTERM (rerun to resume), True when done."""
     cfg = train_config(c)
-    spec = generator_spec(c, models.eos_ids, models.pad_id)
-    source = _batch_source(c, workdir, models, spec)
+    generation = generator_spec(c, models.eos_ids, models.pad_id)
+    source = _batch_source(c, workdir, models, generation)
     run_name = c.tracking.run_name or os.path.basename(os.path.normpath(str(workdir)))
-    tracking = dict(use_wandb=c.tracking.wandb, wandb_project=c.tracking.project, run_name=run_name,
-                    tracking_options={"wandb_entity": c.tracking.entity, "wandb_tags": tuple(c.tracking.tags)})
+    tracking_kwargs = dict(use_wandb=c.tracking.wandb, wandb_project=c.tracking.project, run_name=run_name,
+                           tracking_options={"wandb_entity": c.tracking.entity, "wandb_tags": tuple(c.tracking.tags)})
     reference = None
     if cfg.uses_reference:
         # The selection's reference (AdaSPEC): the same initial draft distilled with FKL on the same data, frozen.
@@ -55,7 +56,7 @@ def distill(c: ConfigDict, workdir: str, models: Models, mesh) -> bool:
         print(f"[distill] {cfg.token_selection.title} reference draft: {ref_cfg.divergence.upper()} for "
               f"{ref_cfg.steps} steps", flush=True)
         ref = train.run(ref_distiller, source, wd.path(workdir, REFERENCE_DIR), stage="reference",
-                        **{**tracking, "use_wandb": False})
+                        **{**tracking_kwargs, "use_wandb": False})
         if ref.preempted:
             return False
         reference = ref_distiller.draft_model(ref.state.params)
@@ -63,7 +64,7 @@ def distill(c: ConfigDict, workdir: str, models: Models, mesh) -> bool:
                                 reference=reference)
     try:
         result = train.run(distiller, source, wd.path(workdir), stage="distill", wandb_config=c.to_dict(),
-                           **tracking)
+                           **tracking_kwargs)
     except train.NonFiniteLossError as err:
         raise train.NonFiniteLossError(
             f"{err} To rerun with a lower learning rate on this workdir: --config.distill.learning_rate="

@@ -40,7 +40,8 @@ def eval_batches(c: ConfigDict, workdir: str, mesh) -> list[ev.PromptBatch]:
     return batches
 
 
-def evaluate(c: ConfigDict, workdir: str, models: Models, draft: qwen3.Qwen3, mesh, stage: str) -> list[dict]:
+def speculative_sweep(c: ConfigDict, workdir: str, models: Models, draft: qwen3.Qwen3, mesh,
+                      stage: str) -> list[dict]:
     """γ sweep of (target, draft) at every evaluation temperature: one row per (temperature, γ)."""
     batches = eval_batches(c, workdir, mesh)
     samplers = eval_samplers(c)
@@ -63,11 +64,11 @@ def evaluate(c: ConfigDict, workdir: str, models: Models, draft: qwen3.Qwen3, me
 
 
 def run_before(state) -> None:
-    rows = evaluate(state.config, state.workdir, state.models, state.models.draft, state.mesh, "eval_before")
+    rows = speculative_sweep(state.config, state.workdir, state.models, state.models.draft, state.mesh, "eval_before")
     wd.write_json(wd.path(state.workdir, OUTPUTS["eval_before"]), rows)
 
 
 def run_after(state) -> None:
     draft = distilled_draft(state.config, state.workdir, state.mesh)
-    rows = evaluate(state.config, state.workdir, state.models, draft, state.mesh, "eval_after")
+    rows = speculative_sweep(state.config, state.workdir, state.models, draft, state.mesh, "eval_after")
     wd.write_json(wd.path(state.workdir, OUTPUTS["eval_after"]), rows)

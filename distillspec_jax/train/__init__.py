@@ -16,8 +16,8 @@ from distillspec_jax.train.distiller import Distiller, check_batch
 from distillspec_jax.train.loop import LoopResult, NonFiniteLossError, pretrain, run
 from distillspec_jax.train.optimizer import is_matrix, learning_rate_schedule, make_optimizer
 from distillspec_jax.train.state import Params, TrainState
-from distillspec_jax.train.step import make_evaluate, make_gradients, make_train_step
+from distillspec_jax.train.step import make_loss_metrics, make_gradients, make_train_step
 
 __all__ = ["Distiller", "LoopResult", "NonFiniteLossError", "Params", "TrainConfig", "TrainState", "check_batch",
-           "is_matrix", "learning_rate_schedule", "make_evaluate", "make_gradients", "make_optimizer",
+           "is_matrix", "learning_rate_schedule", "make_loss_metrics", "make_gradients", "make_optimizer",
            "make_train_step", "pretrain", "run"]

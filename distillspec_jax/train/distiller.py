@@ -85,7 +85,7 @@ class Distiller:
         self._gradients = jax.jit(train_step.make_gradients(self.spec, self.graphdefs, mesh, **fns),
                                   in_shardings=(where.params, where.frozen, where.batch),
                                   out_shardings=(where.params, where.replicated))
-        self._eval = jax.jit(train_step.make_evaluate(self.spec, self.graphdefs),
+        self._loss_metrics = jax.jit(train_step.make_loss_metrics(self.spec, self.graphdefs),
                              in_shardings=(where.params, where.frozen, where.batch), out_shardings=where.replicated)
         self._init_opt = jax.jit(self.tx.init, in_shardings=(where.params,), out_shardings=where.opt_state)
 
@@ -132,6 +132,6 @@ class Distiller:
         """The step's gradient (accumulated over micro-batches as the step does) and metrics, without an update."""
         return self._gradients(params, self.frozen, self._checked(batch))
 
-    def evaluate(self, params: Params, batch: Batch) -> dict[str, jax.Array]:
+    def loss_metrics(self, params: Params, batch: Batch) -> dict[str, jax.Array]:
         """Loss metrics of `params` on a global batch, without an update."""
-        return self._eval(params, self.frozen, self._checked(batch))
+        return self._loss_metrics(params, self.frozen, self._checked(batch))

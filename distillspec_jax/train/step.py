@@ -48,8 +48,8 @@ def _micro(x_bt: jax.Array, accum: int, mesh: Mesh) -> jax.Array:
     """[B, T] -> [A, B/A, T]. Micro-batch a takes rows a, a + A, a + 2A, ...: every batch shard holds
     the same number of rows of each micro-batch, so splitting moves no data between devices."""
     x_abt = jnp.swapaxes(x_bt.reshape(x_bt.shape[0] // accum, accum, *x_bt.shape[1:]), 0, 1)
-    spec = PartitionSpec(None, shd.BATCH_AXES, *([None] * (x_bt.ndim - 1)))
-    return jax.lax.with_sharding_constraint(x_abt, NamedSharding(mesh, spec))
+    partition = PartitionSpec(None, shd.BATCH_AXES, *([None] * (x_bt.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x_abt, NamedSharding(mesh, partition))
 
 
 def _unmicro(x_abt: jax.Array) -> jax.Array:
@@ -119,11 +119,11 @@ def make_train_step(spec: LossSpec, graphdefs: Graphdefs, tx: optax.GradientTran
     return train_step
 
 
-def make_evaluate(spec: LossSpec, graphdefs: Graphdefs) -> Callable[[Params, dict[str, Params], Batch], Metrics]:
-    """`evaluate(params, frozen, batch) -> metrics`: the loss's metrics without a gradient."""
+def make_loss_metrics(spec: LossSpec, graphdefs: Graphdefs) -> Callable[[Params, dict[str, Params], Batch], Metrics]:
+    """`loss_metrics(params, frozen, batch) -> metrics`: the loss's metrics without a gradient."""
 
-    def evaluate(params: Params, frozen: dict[str, Params], batch: Batch) -> Metrics:
+    def loss_metrics(params: Params, frozen: dict[str, Params], batch: Batch) -> Metrics:
         values = token_values(spec, graphdefs, params, frozen, batch["tokens"])
         return objective.reduce_loss(spec, values, batch["loss_mask"])[1]
 
-    return evaluate
+    return loss_metrics
