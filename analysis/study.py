@@ -156,9 +156,9 @@ def plan(scale: str, topology: str, divergences: Sequence[str], generators: Sequ
     transfer evaluations; each with its roofline seconds (distillspec_jax.aot.run_seconds: lower bounds at
     100% of peak, estimates) and chip-hours. A config whose weights do not fit the slice's default mesh is
     planned on the mesh the pre-flight's cheap estimate names."""
-    from distillspec_jax import aot
+    from distillspec_jax import aot, tpu_topology
 
-    slice_ = aot.topology(topology)
+    slice_ = tpu_topology.topology(topology)
     kind, chips = slice_.device_kind, slice_.chips
 
     def seconds(c) -> dict[str, float]:

@@ -20,7 +20,7 @@ import jax
 import pytest
 
 from configs import jsd
-from distillspec_jax import aot
+from distillspec_jax import aot, tpu_topology
 from distillspec_jax.models import convert, qwen3
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -66,18 +66,18 @@ def hand_count_bytes(cfg: qwen3.Qwen3Config, fsdp: int, bytes_per_value: int) ->
 
 def test_slice_names_map_to_libtpu_topologies():
     # v4 and v5p names count TensorCores (v5p-8 = 4 chips); v5e and v6e names count chips.
-    assert aot.topology("v5p-8") == aot.Topology("v5p-8", "v5p:2x2x1", None, "megacore")
-    assert aot.topology("v4-8").topology_name == "v4:2x2x1"
-    assert aot.topology("v5p-32").topology_name == "v5p:2x2x4"
-    assert aot.topology("v5e-16").topology_name == "v5e:4x4"
-    assert aot.topology("v5litepod-16") == aot.topology("v5e-16")
-    assert aot.topology("v6e-8") == aot.Topology("v6e-8", "v6e:2x4", (2, 4, 1), None)  # one host of 8 chips
-    assert aot.topology("v5e:2x2").topology_name == "v5e:2x2"  # raw topologies pass through
+    assert tpu_topology.topology("v5p-8") == tpu_topology.Topology("v5p-8", "v5p:2x2x1", None, "megacore")
+    assert tpu_topology.topology("v4-8").topology_name == "v4:2x2x1"
+    assert tpu_topology.topology("v5p-32").topology_name == "v5p:2x2x4"
+    assert tpu_topology.topology("v5e-16").topology_name == "v5e:4x4"
+    assert tpu_topology.topology("v5litepod-16") == tpu_topology.topology("v5e-16")
+    assert tpu_topology.topology("v6e-8") == tpu_topology.Topology("v6e-8", "v6e:2x4", (2, 4, 1), None)  # one host of 8 chips
+    assert tpu_topology.topology("v5e:2x2").topology_name == "v5e:2x2"  # raw topologies pass through
 
 
 def test_unknown_topology_lists_known_names():
     with pytest.raises(ValueError, match=r"unknown TPU topology 'v9-8'.*v5p-8.*v5e-16"):
-        aot.topology("v9-8")
+        tpu_topology.topology("v9-8")
 
 
 def test_missing_or_mismatched_libtpu_names_the_install_command(monkeypatch):
@@ -93,11 +93,11 @@ def test_missing_or_mismatched_libtpu_names_the_install_command(monkeypatch):
     install = f'pip install -r requirements-tpu.txt   (or: pip install "jax[tpu]=={jax.__version__}")'
     monkeypatch.setattr(importlib.metadata, "version", lambda name: version(name, None))
     with pytest.raises(RuntimeError, match="libtpu is not installed") as missing:
-        aot.check_libtpu()
+        tpu_topology.check_libtpu()
     assert install in str(missing.value)
     monkeypatch.setattr(importlib.metadata, "version", lambda name: version(name, "0.0.1"))
     with pytest.raises(RuntimeError, match=r"libtpu 0\.0\.1 is installed, but jax .* pins libtpu") as wrong:
-        aot.check_libtpu()
+        tpu_topology.check_libtpu()
     assert install in str(wrong.value)
 
 
