@@ -189,8 +189,7 @@ def _chunk_values(spec: LossSpec, real_vocab_size: int, heads: dict[str, Head], 
     p_bcv = frozen_logits(TARGET) if spec.uses_target else one_hot_logits(labels_bc, q_bcv.shape[-1])
     divergence_bc = spec.divergence_fn()(p_bcv, q_bcv)
     q_const_bcv = jax.lax.stop_gradient(q_bcv)
-    # The acceptance metric never contributes a gradient; when the loss is TVD it is the same value.
-    tvd_bc = jax.lax.stop_gradient(divergence_bc) if spec.divergence == "tvd" else total_variation(p_bcv, q_const_bcv)
+    tvd_bc = total_variation(p_bcv, q_const_bcv)  # the acceptance metric 1 − TVD: never a gradient
     if not spec.uses_reference:
         return divergence_bc, tvd_bc
     return divergence_bc, tvd_bc, spec.token_selection.score(p_bcv, q_const_bcv, frozen_logits(REFERENCE))
