@@ -24,7 +24,7 @@ from distillspec_jax import costs
 from distillspec_jax.costs import (attention_flops_per_token, decode_step_bytes, dtype_bytes,  # noqa: F401
                                    forward_flops_per_token, kv_bytes_per_token, matmul_params)
 from distillspec_jax.evaluate import median_seconds
-from distillspec_jax.models import qwen3
+from distillspec_jax.models import catalog, qwen3
 
 # Shapes a benchmark can name with --model. The Qwen3 presets are the published shapes; 'small' is the CPU
 # shape of issue 7's CPU target (4 layers, hidden 512) and 'tiny' the test size (seconds on a 2-core CPU).
@@ -166,7 +166,7 @@ def model_config(name: str, dtype: str = "float32", vocab_size: int | None = Non
     if name in PRESET_ALIASES:
         if vocab_size is not None:
             overrides.update(vocab_size=vocab_size, num_real_tokens=min(vocab_size, qwen3.QWEN3_NUM_REAL_TOKENS))
-        return qwen3.preset(PRESET_ALIASES[name], **overrides)
+        return catalog.preset(PRESET_ALIASES[name], **overrides)
     if name not in SMALL_SHAPES:
         raise ValueError(f"unknown model {name!r}; choose one of {MODEL_CHOICES}")
     fields = dict(SMALL_SHAPES[name], tie_word_embeddings=True, max_position_embeddings=40960)

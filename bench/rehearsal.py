@@ -38,7 +38,7 @@ import jax  # noqa: E402
 from bench import common  # noqa: E402
 from configs import jsd  # noqa: E402
 from distillspec_jax import experiment  # noqa: E402
-from distillspec_jax.models import convert, qwen3  # noqa: E402
+from distillspec_jax.models import catalog, convert, qwen3  # noqa: E402
 
 DRAFT, TARGET = "Qwen3-0.6B", "Qwen3-1.7B"
 MEMORY_BOUND_FACTOR = 1.3  # allowed peak RSS over the training state and the largest batch's activations
@@ -124,7 +124,7 @@ def write_checkpoints(root: pathlib.Path) -> dict[str, pathlib.Path]:
             common.log(f"writing a random {name} checkpoint to {folder}")
             tokenizer_dir = root / "tokenizer"
             tok.offline_qwen3_tokenizer().save_pretrained(tokenizer_dir)
-            model = qwen3.init_model(qwen3.preset(name, param_dtype="bfloat16", dtype="bfloat16"),
+            model = qwen3.init_model(catalog.preset(name, param_dtype="bfloat16", dtype="bfloat16"),
                                      seed=len(folders))
             convert.export_hf(model, folder, dtype="bfloat16", tokenizer_from=tokenizer_dir,
                               max_shard_bytes=1 << 30)
@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the one JSON object; progress goes to stderr
         experiment.run(c, str(workdir), observe=meter)
 
-    draft_cfg = qwen3.preset(DRAFT, param_dtype=c.draft.param_dtype, dtype=c.draft.dtype)
-    target_cfg = qwen3.preset(TARGET, param_dtype=c.target.param_dtype, dtype=c.target.dtype)
+    draft_cfg = catalog.preset(DRAFT, param_dtype=c.draft.param_dtype, dtype=c.draft.dtype)
+    target_cfg = catalog.preset(TARGET, param_dtype=c.target.param_dtype, dtype=c.target.dtype)
     param_bytes = {name: cfg.num_params() * qwen3.DTYPES[cfg.param_dtype].dtype.itemsize
                    for name, cfg in (("draft", draft_cfg), ("target", target_cfg))}
     seq = args.prompt_len + args.new_tokens

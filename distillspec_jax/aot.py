@@ -55,7 +55,7 @@ from distillspec_jax import sharding as shd
 from distillspec_jax import speculative
 from distillspec_jax import train
 from distillspec_jax.data import generators, pipeline
-from distillspec_jax.models import convert, qwen3
+from distillspec_jax.models import catalog, convert, qwen3
 from distillspec_jax.costs import CHIPS, GiB, chip
 from distillspec_jax.sampling import Sampler
 from distillspec_jax.selection import SELECTIONS
@@ -70,7 +70,7 @@ HEADROOM = 0.10  # fraction of each chip's HBM left to the runtime (its own buff
 
 
 class UnknownShapeError(ValueError):
-    """A model whose shapes cannot be known without downloading its config (a hub id outside qwen3.PRESETS)."""
+    """A model whose shapes cannot be known without downloading its config (a hub id outside catalog.PRESETS)."""
 
 
 def model_config(c: ConfigDict, which: str) -> qwen3.Qwen3Config:
@@ -86,7 +86,7 @@ def model_config(c: ConfigDict, which: str) -> qwen3.Qwen3Config:
         cfg = convert.from_hf_config(os.path.join(m.model, "config.json"))
     else:
         try:
-            cfg = qwen3.preset(m.model)
+            cfg = catalog.preset(m.model)
         except ValueError as e:
             raise UnknownShapeError(f"config.{which}.model={m.model!r}: no shape is known offline ({e}); point it "
                                     "at a local checkpoint folder to pre-flight it") from None
@@ -282,7 +282,7 @@ def check_fits(c: ConfigDict, devices: Sequence[jax.Device] | None = None, *, de
     compile, no weights: seconds, mostly building the abstract models): call it before downloading or
     converting anything. Pass jax devices (default: all), or a device kind and count (e.g. 'NVIDIA H100', 1)
     to check hardware this host does not have. Devices of no known HBM size (CPUs), and models whose shapes
-    are not known offline (a hub id outside qwen3.PRESETS), are not checked: None, with a warning for the latter."""
+    are not known offline (a hub id outside catalog.PRESETS), are not checked: None, with a warning for the latter."""
     if device_kind is None:
         devices = list(jax.devices() if devices is None else devices)
         device_kind, num_devices = devices[0].device_kind, len(devices)

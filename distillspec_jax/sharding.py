@@ -31,6 +31,12 @@ LOGICAL_RULES: dict[str, str | None] = {
     "head_dim": None,
     "norm": None,
     "layers": None,  # the stacked layer dimension: the scan over layers walks it on every device
+    # Routed experts [E, D, F]: the expert dimension takes fsdp's part (gathered per layer, as every other
+    # weight is under ZeRO-3), the expert width tensor's; so D stays whole (design §6).
+    "expert": "fsdp",
+    "expert_embed": None,
+    "expert_mlp": "tensor",
+    "expert_logits": None,  # the router's [D, E] output dimension (small: replicated)
 }
 
 

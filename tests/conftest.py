@@ -1,4 +1,4 @@
-"""Shared test setup: 8 fake CPU devices, and tiny random HF Qwen3 checkpoints written once per session."""
+"""Shared test setup: 8 fake CPU devices, and tiny random HF Qwen3 and Qwen3-MoE checkpoints written once per session."""
 
 import os
 
@@ -13,7 +13,7 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.tiny import TINY_CASES, write_hf_checkpoint  # noqa: E402
+from tests.tiny import TINY_CASES, TINY_MOE_CASES, write_hf_checkpoint, write_hf_moe_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +25,15 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, pathlib.Path]:
     """
     root = tmp_path_factory.mktemp("hf")
     return {name: write_hf_checkpoint(root / name, seed=i, **kw) for i, (name, kw) in enumerate(TINY_CASES.items())}
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_checkpoints(tmp_path_factory) -> dict[str, pathlib.Path]:
+    """HF Qwen3-MoE checkpoints written by transformers' save_pretrained (one tensor per expert, as on the
+    Hub). Keys: TINY_MOE_CASES. Every weight, router and norms included, is random."""
+    root = tmp_path_factory.mktemp("hf_moe")
+    return {name: write_hf_moe_checkpoint(root / name, seed=10 + i, **kw)
+            for i, (name, kw) in enumerate(TINY_MOE_CASES.items())}
 
 
 PIPELINE_CONFIG = "configs/jsd.py:test"  # the tiny pipeline at test size (configs/common.py:test)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distillspec_jax.models import convert, qwen3
+from distillspec_jax.models import catalog, convert, qwen3
 from tests.tiny import TINY_BASE, TINY_CASES, hf_logits, hf_qwen3
 
 ATOL = 1e-4  # float32 parity bound on logits (issue and design §8)
@@ -120,19 +120,19 @@ def test_presets_match_published_shapes():
     published_total = {"Qwen3-0.6B": 0.6e9, "Qwen3-1.7B": 1.7e9, "Qwen3-4B": 4.0e9, "Qwen3-8B": 8.2e9,
                        "Qwen3-14B": 14.8e9, "Qwen3-32B": 32.8e9}
     for name, total in published_total.items():
-        cfg = qwen3.preset(name)
+        cfg = catalog.preset(name)
         assert cfg.real_vocab_size == 151669 and cfg.vocab_size == 151936
         assert abs(cfg.num_params() - total) / total < 0.05, (name, cfg.num_params())
-    assert qwen3.preset("Qwen/Qwen3-8B").tie_word_embeddings is False
-    assert qwen3.preset("Qwen3-0.6B").tie_word_embeddings is True
+    assert catalog.preset("Qwen/Qwen3-8B").tie_word_embeddings is False
+    assert catalog.preset("Qwen3-0.6B").tie_word_embeddings is True
     with pytest.raises(ValueError, match="unknown Qwen3 preset"):
-        qwen3.preset("Qwen3-7B")
+        catalog.preset("Qwen3-7B")
 
 
 @pytest.mark.slow
 def test_real_qwen3_0_6b_shape_matches_hf(tmp_path):
     """One parity run at the exact Qwen3-0.6B shape (random weights, real vocabulary and head layout)."""
-    cfg = convert.to_hf_config(qwen3.preset("Qwen3-0.6B"))
+    cfg = convert.to_hf_config(catalog.preset("Qwen3-0.6B"))
     fields = {k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                   "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings",
                                   "max_position_embeddings", "rope_theta")}
@@ -142,7 +142,7 @@ def test_real_qwen3_0_6b_shape_matches_hf(tmp_path):
     ref = hf_logits(hf, tokens)
     del hf
     model = convert.load_hf(tmp_path)
-    assert model.cfg == qwen3.preset("Qwen3-0.6B")
+    assert model.cfg == catalog.preset("Qwen3-0.6B")
     err = np.abs(np.asarray(model(jnp.asarray(tokens))) - ref).max()
     print(f"parity Qwen3-0.6B shape: max|dlogit|={err:.2e}")
     assert err <= ATOL

@@ -1,4 +1,4 @@
-"""HF safetensors <-> Flax NNX Qwen3; Orbax save and restore; a CLI for both directions.
+"""HF safetensors <-> Flax NNX Qwen3 and Qwen3-MoE; Orbax save and restore; a CLI for both directions.
 
     python -m distillspec_jax.models.convert --hf=PATH_OR_HUB_ID --out=ORBAX_DIR [--dtype=bfloat16]
     python -m distillspec_jax.models.convert --to_hf --orbax=ORBAX_DIR --out=HF_DIR [--dtype=bfloat16]
@@ -32,7 +32,7 @@ from safetensors.numpy import save_file
 
 from distillspec_jax import files, hub
 from distillspec_jax import sharding as shd
-from distillspec_jax.models import qwen3
+from distillspec_jax.models import catalog, qwen3, qwen3_moe
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -61,7 +61,9 @@ class TensorMap:
     hf_shape: tuple[int, ...]
     to_ours: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
-    layer: int | None = None  # index into the stacked [L, ...] parameter at `path`; None: not stacked
+    # Where the tensor sits in the stacked parameter at `path`: (layer,) in a [L, ...] run of layers,
+    # (layer, expert) in a run's [L, E, ...] experts; () for a parameter that is not stacked.
+    index: tuple[int, ...] = ()
 
 
 def _identity(x):
@@ -84,16 +86,35 @@ def _linear_out(in_heads: int, head_dim: int):
             lambda w: w.reshape(in_heads * head_dim, w.shape[2]).T)
 
 
-def tensor_maps(cfg: qwen3.Qwen3Config) -> list[TensorMap]:
-    """Every tensor of a HF Qwen3 checkpoint, in HF's naming, with its shape and transforms."""
-    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+def _swap_last(x):
+    return np.swapaxes(x, -1, -2)
+
+
+def _fused_half(half: int, width: int):
+    """transformers' in-memory expert layout gate_up_proj [E, 2F, D] -> our gate (half 0) or up (half 1) [E, D, F]."""
+    return lambda w: _swap_last(w[:, half * width:(half + 1) * width, :])
+
+
+def _no_export(w):
+    raise AssertionError("the fused expert layout is read, never written: export writes one tensor per expert")
+
+
+def tensor_maps(cfg: qwen3.Qwen3Config, fused_layers: frozenset[int] = frozenset()) -> list[TensorMap]:
+    """Every tensor of a HF Qwen3 or Qwen3-MoE checkpoint, in HF's naming, with its shape and transforms.
+
+    The experts of a sparse layer are one tensor per expert on the Hub and in what transformers 5.x saves
+    (`mlp.experts.N.{gate,up,down}_proj.weight`), stacked here into [E, ...]. `fused_layers` names the
+    layers stored instead in transformers' in-memory layout (`mlp.experts.gate_up_proj [E, 2F, D]`,
+    `mlp.experts.down_proj [E, D, F]`), which is read but never written.
+    """
+    d, v = cfg.hidden_size, cfg.vocab_size
     n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     maps = [TensorMap("model.embed_tokens.weight", ("embed",), (v, d), _identity, _identity),
             TensorMap("model.norm.weight", ("norm", "weight"), (d,), _identity, _identity)]
     if not cfg.tie_word_embeddings:
         maps.append(TensorMap("lm_head.weight", ("lm_head",), (v, d), _transpose, _transpose))
     q_in, k_in, o_out = _linear_in(n, h), _linear_in(k, h), _linear_out(n, h)
-    per_layer = [  # (HF name within layer i, our path within the stacked layer, HF shape, to_ours, to_hf)
+    attention = [  # (HF name within layer i, our path within the stacked layer, HF shape, to_ours, to_hf)
         ("input_layernorm.weight", ("attn_norm", "weight"), (d,), _identity, _identity),
         ("self_attn.q_proj.weight", ("attn", "q_proj"), (n * h, d), *q_in),
         ("self_attn.k_proj.weight", ("attn", "k_proj"), (k * h, d), *k_in),
@@ -102,13 +123,43 @@ def tensor_maps(cfg: qwen3.Qwen3Config) -> list[TensorMap]:
         ("self_attn.q_norm.weight", ("attn", "q_norm", "weight"), (h,), _identity, _identity),
         ("self_attn.k_norm.weight", ("attn", "k_norm", "weight"), (h,), _identity, _identity),
         ("post_attention_layernorm.weight", ("mlp_norm", "weight"), (d,), _identity, _identity),
+    ]
+    f = cfg.intermediate_size
+    dense_mlp = [
         ("mlp.gate_proj.weight", ("mlp", "gate_proj"), (f, d), _transpose, _transpose),
         ("mlp.up_proj.weight", ("mlp", "up_proj"), (f, d), _transpose, _transpose),
         ("mlp.down_proj.weight", ("mlp", "down_proj"), (d, f), _transpose, _transpose),
     ]
-    for i in range(cfg.num_hidden_layers):
-        maps += [TensorMap(f"model.layers.{i}.{name}", ("layers", *path), shape, to_ours, to_hf, layer=i)
-                 for name, path, shape, to_ours, to_hf in per_layer]
+    for start, kinds in qwen3.layer_runs(cfg):
+        run = qwen3.run_name(start)
+        for offset, kind in enumerate(kinds):
+            i = start + offset
+            per_layer = attention + (dense_mlp if kind == qwen3.DENSE_MLP else [])
+            maps += [TensorMap(f"model.layers.{i}.{name}", (run, *path), shape, to_ours, to_hf, index=(offset,))
+                     for name, path, shape, to_ours, to_hf in per_layer]
+            if kind == qwen3_moe.MOE_MLP:
+                maps += _expert_maps(cfg, f"model.layers.{i}.mlp", run, offset, fused=i in fused_layers)
+    return maps
+
+
+def _expert_maps(cfg: qwen3_moe.Qwen3MoeConfig, prefix: str, run: str, offset: int, fused: bool) -> list[TensorMap]:
+    """The router [E, D] and the experts of one sparse layer (per expert, or transformers' fused layout)."""
+    d, e, f = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+    mlp = (run, "mlp")
+    maps = [TensorMap(f"{prefix}.gate.weight", (*mlp, "router"), (e, d), _transpose, _transpose, index=(offset,))]
+    if fused:
+        return maps + [
+            TensorMap(f"{prefix}.experts.gate_up_proj", (*mlp, "gate_proj"), (e, 2 * f, d), _fused_half(0, f),
+                      _no_export, index=(offset,)),
+            TensorMap(f"{prefix}.experts.gate_up_proj", (*mlp, "up_proj"), (e, 2 * f, d), _fused_half(1, f),
+                      _no_export, index=(offset,)),
+            TensorMap(f"{prefix}.experts.down_proj", (*mlp, "down_proj"), (e, d, f), _swap_last, _no_export,
+                      index=(offset,)),
+        ]
+    for j in range(e):
+        maps += [TensorMap(f"{prefix}.experts.{j}.{proj}.weight", (*mlp, proj), shape, _transpose, _transpose,
+                           index=(offset, j))
+                 for proj, shape in (("gate_proj", (f, d)), ("up_proj", (f, d)), ("down_proj", (d, f)))]
     return maps
 
 
@@ -118,23 +169,24 @@ def tensor_maps(cfg: qwen3.Qwen3Config) -> list[TensorMap]:
 
 
 def from_hf_config(hf: dict[str, Any] | str, **overrides: Any) -> qwen3.Qwen3Config:
-    """Builds a Qwen3Config from a HF config.json (a dict, or the path of the file).
+    """Builds a Qwen3Config (model_type 'qwen3') or a Qwen3MoeConfig ('qwen3_moe') from a HF config.json
+    (a dict, or the path of the file).
 
     Accepts both the transformers 4.x layout (`rope_theta`, `rope_scaling`) and the 5.x layout
-    (`rope_parameters`). Anything this dense implementation would silently compute differently is
-    refused: another model_type, attention biases, sliding windows, RoPE scaling.
+    (`rope_parameters`; `num_local_experts` for `num_experts`). Anything this implementation would silently
+    compute differently is refused: another model_type, attention biases, sliding windows, RoPE scaling.
     """
     if isinstance(hf, str):
         with open(hf) as f:
             hf = json.load(f)
     model_type = hf.get("model_type")
-    if model_type != "qwen3":
+    if model_type not in catalog.CONFIG_CLASSES:
         raise ValueError(
-            f"model_type is {model_type!r}, but this loader implements Qwen3 dense models only "
-            "(model_type 'qwen3'); pass a Qwen3 checkpoint"
+            f"model_type is {model_type!r}, but this loader implements Qwen3 dense ('qwen3') and Qwen3-MoE "
+            f"('qwen3_moe') models only; pass a checkpoint of one of those (presets: {sorted(catalog.PRESETS)})"
         )
     if hf.get("attention_bias", False):
-        raise ValueError("attention_bias=true is not part of Qwen3 dense; this checkpoint is not supported")
+        raise ValueError("attention_bias=true is not part of Qwen3; this checkpoint is not supported")
     if hf.get("use_sliding_window", False):
         raise ValueError("use_sliding_window=true is not supported: Qwen3 dense models use full attention")
     rope = hf.get("rope_parameters") or {}
@@ -158,15 +210,31 @@ def from_hf_config(hf: dict[str, Any] | str, **overrides: Any) -> qwen3.Qwen3Con
         max_position_embeddings=hf.get("max_position_embeddings", 40960),
         num_real_tokens=qwen3.QWEN3_NUM_REAL_TOKENS if vocab == qwen3.QWEN3_VOCAB_SIZE else None,
     )
+    if model_type == qwen3_moe.Qwen3MoeConfig.model_type:
+        fields.update(
+            num_experts=hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"],
+            num_experts_per_tok=hf["num_experts_per_tok"],
+            moe_intermediate_size=hf["moe_intermediate_size"],
+            norm_topk_prob=hf.get("norm_topk_prob", False),  # transformers' default when the key is absent
+            decoder_sparse_step=hf.get("decoder_sparse_step", 1),
+            mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
+        )
     fields.update(overrides)
-    return qwen3.Qwen3Config(**fields)
+    return catalog.CONFIG_CLASSES[model_type](**fields)
 
 
 def to_hf_config(cfg: qwen3.Qwen3Config) -> dict[str, Any]:
-    """The config.json that transformers' Qwen3ForCausalLM (and vLLM) read."""
+    """The config.json that transformers' Qwen3ForCausalLM or Qwen3MoeForCausalLM (and vLLM) read."""
+    moe = {}
+    if catalog.is_moe(cfg):
+        moe = {"architectures": ["Qwen3MoeForCausalLM"], "num_experts": cfg.num_experts,
+               "num_experts_per_tok": cfg.num_experts_per_tok, "moe_intermediate_size": cfg.moe_intermediate_size,
+               "norm_topk_prob": cfg.norm_topk_prob, "decoder_sparse_step": cfg.decoder_sparse_step,
+               "mlp_only_layers": list(cfg.mlp_only_layers), "output_router_logits": False,
+               "router_aux_loss_coef": 0.001}
     return {
         "architectures": ["Qwen3ForCausalLM"],
-        "model_type": "qwen3",
+        "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -186,6 +254,7 @@ def to_hf_config(cfg: qwen3.Qwen3Config) -> dict[str, Any]:
         "sliding_window": None,
         "initializer_range": qwen3.INIT_STDDEV,
         "torch_dtype": cfg.param_dtype,
+        **moe,
     }
 
 
@@ -331,24 +400,51 @@ def _target_shardings(cfg: qwen3.Qwen3Config, mesh: Mesh | None) -> dict[tuple, 
 
 def _place_tensors(group: list[TensorMap], located: dict[str, SafetensorsFile], np_dtype: np.dtype,
                    sharding: jax.sharding.Sharding) -> jax.Array:
-    """One parameter on its sharding, straight from the checkpoint files: a single tensor, or the per-layer
-    tensors of a stacked [L, ...] parameter. Each device's slice is read from the files as it is placed, so a
-    host holds one tensor read from the files at a time (and the first layer's, for a stacked parameter)."""
+    """One parameter on its sharding, straight from the checkpoint files: a single tensor, or the tensors of a
+    stacked [L, ...] (or [L, E, ...]) parameter. Each device's slice is read from the files as it is placed, so
+    a host holds one tensor read from the files at a time (and the first one, for a stacked parameter)."""
     def read(m: TensorMap) -> np.ndarray:
         return np.asarray(m.to_ours(located[m.hf_name].get_tensor(m.hf_name)), dtype=np_dtype)
 
-    if group[0].layer is None:
+    if not group[0].index:
         (m,) = group
         return shd.place(read(m), sharding)
-    group = sorted(group, key=lambda m: m.layer)
-    first = read(group[0])
-    shape = (len(group), *first.shape)
+    by_index = {m.index: m for m in group}
+    first_map = by_index[min(by_index)]
+    first = read(first_map)
+    stacked = tuple(max(i[dim] for i in by_index) + 1 for dim in range(len(first_map.index)))
+    if len(by_index) != int(np.prod(stacked)):
+        raise AssertionError(f"{first_map.path}: the tensor table does not fill the stacked shape {stacked}")
 
     def shard(index: tuple[slice, ...]) -> np.ndarray:
-        layers = range(len(group))[index[0]]
-        return np.stack([(first if i == 0 else read(group[i]))[index[1:]] for i in layers])
+        outer = [range(size)[sl] for size, sl in zip(stacked, index)]
+        inner = index[len(stacked):]
+        block = np.empty((*(len(r) for r in outer), *first[inner].shape), np_dtype)
+        for position in np.ndindex(*block.shape[:len(stacked)]):
+            m = by_index[tuple(r[p] for r, p in zip(outer, position))]
+            block[position] = (first if m is first_map else read(m))[inner]
+        return block
 
-    return jax.make_array_from_callback(shape, sharding, shard)
+    return jax.make_array_from_callback((*stacked, *first.shape), sharding, shard)
+
+
+def _fused_expert_layers(located: dict[str, SafetensorsFile]) -> frozenset[int]:
+    """Layers whose experts a checkpoint stores in transformers' in-memory fused layout."""
+    found = (re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.gate_up_proj", name) for name in located)
+    return frozenset(int(match.group(1)) for match in found if match)
+
+
+def _family_mismatch(cfg: qwen3.Qwen3Config, unexpected: list[str]) -> str:
+    """What an unexpected tensor says about a checkpoint whose config.json names the wrong model family."""
+    routed = [n for n in unexpected if ".mlp.experts." in n or n.endswith(".mlp.gate.weight")]
+    if routed and not catalog.is_moe(cfg):
+        return (f"; these are routed-expert weights ({routed[0]}, ...): the checkpoint is a Qwen3-MoE model, so its "
+                f"config.json must say model_type 'qwen3_moe' (presets: {sorted(qwen3_moe.PRESETS)})")
+    dense = [n for n in unexpected if re.search(r"\.mlp\.(gate|up|down)_proj\.weight$", n)]
+    if dense and catalog.is_moe(cfg):
+        return (f"; these are dense MLP weights ({dense[0]}, ...): the checkpoint is a dense Qwen3 model (model_type "
+                f"'qwen3', presets: {sorted(qwen3.PRESETS)}), or its mlp_only_layers / decoder_sparse_step are wrong")
+    return ""
 
 
 def load_hf(
@@ -358,7 +454,8 @@ def load_hf(
     *,
     param_dtype: str | None = None,
 ) -> qwen3.Qwen3:
-    """Loads a HF Qwen3 checkpoint (local folder or hub id) into the NNX model.
+    """Loads a HF Qwen3 or Qwen3-MoE checkpoint (local folder or hub id; config.json's model_type says which)
+    into the NNX model.
 
     dtype is the compute dtype; param_dtype (default: dtype) the storage dtype. With a mesh, every
     tensor is placed directly on its NamedSharding from `sharding.LOGICAL_RULES`.
@@ -368,7 +465,7 @@ def load_hf(
     folder = resolve_checkpoint(path_or_hub_id)
     cfg = from_hf_config(str(folder / CONFIG_FILE), dtype=dtype, param_dtype=param_dtype)
     located = _open_weights(folder)
-    maps = tensor_maps(cfg)
+    maps = tensor_maps(cfg, _fused_expert_layers(located))
     expected = {m.hf_name for m in maps}
     if cfg.tie_word_embeddings and "lm_head.weight" in located:
         embed, head = located["model.embed_tokens.weight"], located["lm_head.weight"]
@@ -380,12 +477,15 @@ def load_hf(
         expected.add("lm_head.weight")
     unexpected = sorted(n for n in located if n not in expected and not IGNORED_TENSORS.match(n))
     if unexpected:
-        raise ValueError(f"{folder}: tensors that a Qwen3 dense model does not have: {unexpected[:8]}")
+        raise ValueError(f"{folder}: tensors that a {type(cfg).__name__} with this config.json does not have: "
+                         f"{unexpected[:8]}{_family_mismatch(cfg, unexpected)}")
     np_dtype = np.dtype(qwen3.resolve_dtype(param_dtype))
     shardings = _target_shardings(cfg, mesh)
+    missing = [m.hf_name for m in maps if m.hf_name not in located]
+    if missing:
+        raise ValueError(f"{folder}: tensor {missing[0]} is missing from the checkpoint "
+                         f"({len(missing)} missing in all){_family_mismatch(cfg, sorted(located))}")
     for m in maps:
-        if m.hf_name not in located:
-            raise ValueError(f"{folder}: tensor {m.hf_name} is missing from the checkpoint")
         if tensor_shape(located[m.hf_name], m.hf_name) != m.hf_shape:
             raise ValueError(
                 f"tensor {m.hf_name} has shape {tensor_shape(located[m.hf_name], m.hf_name)} in the checkpoint, but "
@@ -427,8 +527,7 @@ def export_hf(model: qwen3.Qwen3, out_dir: str | os.PathLike, dtype: str | None 
     np_dtype = np.dtype(qwen3.resolve_dtype(dtype))
     flat = {path: shd.to_host(var[...]).astype(np_dtype)
             for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    tensors = {m.hf_name: np.ascontiguousarray(m.to_hf(flat[m.path] if m.layer is None else flat[m.path][m.layer]))
-               for m in tensor_maps(cfg)}
+    tensors = {m.hf_name: np.ascontiguousarray(m.to_hf(flat[m.path][m.index])) for m in tensor_maps(cfg)}
     out = pathlib.Path(out_dir)
     if jax.process_index() != 0:
         return out
@@ -487,7 +586,7 @@ def save_orbax(model: qwen3.Qwen3, directory: str | os.PathLike) -> epath.Path:
         ckptr.save(directory / ORBAX_PARAMS, pure, force=True)
         ckptr.wait_until_finished()
     if jax.process_index() == 0:
-        files.write_json(directory / ORBAX_CONFIG, dataclasses.asdict(model.cfg), sort_keys=True)
+        files.write_json(directory / ORBAX_CONFIG, catalog.config_to_dict(model.cfg), sort_keys=True)
     return directory
 
 
@@ -508,7 +607,7 @@ def load_orbax(directory: str | os.PathLike, mesh: Mesh | None = None, **cfg_ove
     stored = json.loads((directory / ORBAX_CONFIG).read_text())
     # Folders converted before rematerialisation moved to the training step carry a `remat` field.
     stored.pop(LEGACY_CONFIG_FIELD_REMAT, None)
-    cfg = qwen3.Qwen3Config(**{**stored, **cfg_overrides})
+    cfg = catalog.config_from_dict(stored, **cfg_overrides)
     graphdef, state = nnx.split(qwen3.abstract_model(cfg))
     if mesh is None:
         mesh = shd.single_device_mesh()

@@ -10,7 +10,8 @@ formed from logits (vocabulary padding mask, temperature, filters) belongs to `s
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+import itertools
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,8 @@ MASK_VALUE = -1e30
 
 INIT_STDDEV = 0.02  # HF Qwen3 `initializer_range`: normal(0, 0.02) for every linear and the embedding
 
+DENSE_MLP = "dense"  # the kind of a layer whose MLP is the SwiGLU of width intermediate_size
+
 
 def resolve_dtype(name: str) -> jnp.dtype:
     """Maps a dtype name from a config to the JAX dtype, with an error that lists the choices."""
@@ -39,7 +42,13 @@ def resolve_dtype(name: str) -> jnp.dtype:
 
 @dataclasses.dataclass(frozen=True)
 class Qwen3Config:
-    """Architecture and numerics of one Qwen3 dense model. Field names follow HF's config.json."""
+    """Architecture and numerics of one Qwen3 dense model. Field names follow HF's config.json.
+
+    The decoder asks its config what each layer's MLP is (`mlp_kinds`, `make_mlp`): here always the dense
+    SwiGLU; `qwen3_moe.Qwen3MoeConfig` answers with routed experts for its sparse layers.
+    """
+
+    model_type: ClassVar[str] = "qwen3"  # HF config.json's model_type; also written with converted models
 
     vocab_size: int  # V: rows of the embedding and the LM head, padding rows included
     hidden_size: int  # D
@@ -75,13 +84,28 @@ class Qwen3Config:
     def replace(self, **changes: Any) -> Qwen3Config:
         return dataclasses.replace(self, **changes)
 
+    def mlp_kinds(self) -> tuple[str, ...]:
+        """The kind of MLP of each layer, in order; every layer of a dense model has the SwiGLU MLP."""
+        return (DENSE_MLP,) * self.num_hidden_layers
+
+    def make_mlp(self, kind: str, rngs: nnx.Rngs) -> nnx.Module:
+        """The MLP module of one layer of the given kind (see `mlp_kinds`)."""
+        if kind != DENSE_MLP:
+            raise ValueError(f"a dense Qwen3 layer has no {kind!r} MLP")
+        return MLP(self.hidden_size, self.intermediate_size, resolve_dtype(self.param_dtype), rngs)
+
+    def mlp_params(self, kind: str) -> int:
+        """Parameters of one MLP of the given kind."""
+        return 3 * self.hidden_size * self.intermediate_size
+
     def num_params(self) -> int:
         """Parameter count (embedding counted once when tied)."""
-        d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
+        d, h = self.hidden_size, self.head_dim
         n, k = self.num_attention_heads, self.num_key_value_heads
-        per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * f + 2 * d + 2 * h
+        per_layer = d * n * h * 2 + d * k * h * 2 + 2 * d + 2 * h
+        mlps = sum(self.mlp_params(kind) for kind in self.mlp_kinds())
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
-        return self.vocab_size * d + self.num_hidden_layers * per_layer + d + head
+        return self.vocab_size * d + self.num_hidden_layers * per_layer + mlps + d + head
 
 
 
@@ -109,14 +133,6 @@ PRESETS: dict[str, Qwen3Config] = {
     "Qwen3-14B": _preset(5120, 17408, 40, 40, tied=False),
     "Qwen3-32B": _preset(5120, 25600, 64, 64, tied=False),
 }
-
-
-def preset(name: str, **overrides: Any) -> Qwen3Config:
-    """A published Qwen3 shape by name ('Qwen3-0.6B' or 'Qwen/Qwen3-0.6B'), with field overrides."""
-    key = name.split("/")[-1]
-    if key not in PRESETS:
-        raise ValueError(f"unknown Qwen3 preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[key].replace(**overrides)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,7 +182,7 @@ def _write_rows(cache_lbskh: jax.Array, layer: jax.Array, new_btkh: jax.Array, s
 # ----------------------------------------------------------------------------------------------
 
 
-def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> jax.Array:
+def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> jax.Array:
     return (INIT_STDDEV * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
@@ -224,10 +240,10 @@ class Attention(nnx.Module):
         pdt = resolve_dtype(cfg.param_dtype)
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.cfg = cfg
-        self.q_proj = nnx.Param(_normal(rngs, (d, n, h), pdt), axes=("embed", "q_heads", "head_dim"))
-        self.k_proj = nnx.Param(_normal(rngs, (d, k, h), pdt), axes=("embed", "kv_heads", "head_dim"))
-        self.v_proj = nnx.Param(_normal(rngs, (d, k, h), pdt), axes=("embed", "kv_heads", "head_dim"))
-        self.o_proj = nnx.Param(_normal(rngs, (n, h, d), pdt), axes=("q_heads", "head_dim", "embed"))
+        self.q_proj = nnx.Param(normal_init(rngs, (d, n, h), pdt), axes=("embed", "q_heads", "head_dim"))
+        self.k_proj = nnx.Param(normal_init(rngs, (d, k, h), pdt), axes=("embed", "kv_heads", "head_dim"))
+        self.v_proj = nnx.Param(normal_init(rngs, (d, k, h), pdt), axes=("embed", "kv_heads", "head_dim"))
+        self.o_proj = nnx.Param(normal_init(rngs, (n, h, d), pdt), axes=("q_heads", "head_dim", "embed"))
         # Qwen3's per-head norms on q and k, applied before RoPE.
         self.q_norm = RMSNorm(h, cfg.rms_norm_eps, pdt, "head_dim")
         self.k_norm = RMSNorm(h, cfg.rms_norm_eps, pdt, "head_dim")
@@ -253,12 +269,12 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: Qwen3Config, rngs: nnx.Rngs):
-        pdt = resolve_dtype(cfg.param_dtype)
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nnx.Param(_normal(rngs, (d, f), pdt), axes=("embed", "mlp"))
-        self.up_proj = nnx.Param(_normal(rngs, (d, f), pdt), axes=("embed", "mlp"))
-        self.down_proj = nnx.Param(_normal(rngs, (f, d), pdt), axes=("mlp", "embed"))
+    """SwiGLU: down(silu(x @ gate) * (x @ up)), of width f."""
+
+    def __init__(self, d: int, f: int, pdt, rngs: nnx.Rngs):
+        self.gate_proj = nnx.Param(normal_init(rngs, (d, f), pdt), axes=("embed", "mlp"))
+        self.up_proj = nnx.Param(normal_init(rngs, (d, f), pdt), axes=("embed", "mlp"))
+        self.down_proj = nnx.Param(normal_init(rngs, (f, d), pdt), axes=("mlp", "embed"))
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         dt = x_btd.dtype
@@ -268,12 +284,15 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: Qwen3Config, rngs: nnx.Rngs):
+    """Attention and an MLP of the given kind (the dense SwiGLU, or routed experts), each after an RMSNorm
+    and around a residual add."""
+
+    def __init__(self, cfg: Qwen3Config, kind: str, rngs: nnx.Rngs):
         pdt = resolve_dtype(cfg.param_dtype)
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt, "norm")
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt, "norm")
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = cfg.make_mlp(kind, rngs)
 
     def __call__(self, x_btd, positions_bt, rope, cache: KVCache | None, layer: jax.Array | None):
         """One layer. With a cache, the new keys and values are written into layer `layer` of the stacked
@@ -291,6 +310,30 @@ class DecoderLayer(nnx.Module):
 
 
 LAYERS_AXIS = "layers"  # logical axis of the stacked layer dimension L (never sharded: the scan walks it)
+
+
+def layer_runs(cfg: Qwen3Config) -> list[tuple[int, tuple[str, ...]]]:
+    """(index of the first layer, kinds of its layers) for each run of consecutive layers whose MLPs are of
+    one kind: each run is one stacked module and one scan. A dense model, and an MoE model whose every
+    layer is routed (Qwen3-30B-A3B, Qwen3-235B-A22B), are a single run."""
+    runs, start = [], 0
+    for _, group in itertools.groupby(cfg.mlp_kinds()):
+        kinds = tuple(group)
+        runs.append((start, kinds))
+        start += len(kinds)
+    return runs
+
+
+def run_name(start: int) -> str:
+    """The model attribute of the run of layers that begins at layer `start`: `layers` for the first run (the
+    only one of most models), `layers_<start>` for later ones."""
+    return LAYERS_AXIS if start == 0 else f"{LAYERS_AXIS}_{start}"
+
+
+def is_run_name(key: Any) -> bool:
+    """Whether a state key names a run of stacked layers (see `run_name`)."""
+    name = str(key)
+    return name == LAYERS_AXIS or (name.startswith(f"{LAYERS_AXIS}_") and name[len(LAYERS_AXIS) + 1:].isdigit())
 
 
 def stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
@@ -318,31 +361,36 @@ class Qwen3(nnx.Module):
     def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
         pdt = resolve_dtype(cfg.param_dtype)
         self.cfg = cfg
-        self.embed = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.hidden_size), pdt), axes=("vocab", "embed"))
-        # Initialised layer by layer (the same random stream as separate layers), then stacked.
-        self.layers = stack_layers([DecoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.embed = nnx.Param(normal_init(rngs, (cfg.vocab_size, cfg.hidden_size), pdt), axes=("vocab", "embed"))
+        # Initialised layer by layer (the same random stream as separate layers), then stacked: one stack per
+        # run of consecutive layers with the same kind of MLP (a single run, `layers`, unless the config mixes
+        # dense and routed MLPs).
+        for start, kinds in layer_runs(cfg):
+            setattr(self, run_name(start), stack_layers([DecoderLayer(cfg, kind, rngs) for kind in kinds]))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt, "norm")
         if not cfg.tie_word_embeddings:
-            self.lm_head = nnx.Param(_normal(rngs, (cfg.hidden_size, cfg.vocab_size), pdt), axes=("embed", "vocab"))
+            self.lm_head = nnx.Param(normal_init(rngs, (cfg.hidden_size, cfg.vocab_size), pdt), axes=("embed", "vocab"))
 
     def _decoder(self, tokens_bt, positions_bt, cache: KVCache | None, remat: bool = False):
         dt = resolve_dtype(self.cfg.dtype)
         x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
         rope = rope_tables(positions_bt, self.cfg.head_dim, self.cfg.rope_theta)
-        layer_graphdef, layer_state = nnx.split(self.layers)
-
-        def one_layer(carry, xs):
-            x_btd, kv = carry
-            state_l, layer = xs
-            layer_cache = None if kv is None else KVCache(kv[0], kv[1], cache.lengths)
-            x_btd, kv = nnx.merge(layer_graphdef, state_l)(x_btd, positions_bt, rope, layer_cache, layer)
-            return (x_btd, kv), None
-
-        if remat:  # training only: keep one [B, T, D] residual per layer, recompute the rest backwards
-            one_layer = jax.checkpoint(one_layer, prevent_cse=False)  # inside scan, CSE cannot undo it
         kv = None if cache is None else (cache.k, cache.v)
-        layers_l = jnp.arange(self.cfg.num_hidden_layers, dtype=jnp.int32)
-        (x_btd, kv), _ = jax.lax.scan(one_layer, (x_btd, kv), (layer_state, layers_l))
+        for start, kinds in layer_runs(self.cfg):
+            layer_graphdef, layer_state = nnx.split(getattr(self, run_name(start)))
+
+            def one_layer(carry, xs, layer_graphdef=layer_graphdef):
+                x_btd, kv = carry
+                state_l, layer = xs
+                layer_cache = None if kv is None else KVCache(kv[0], kv[1], cache.lengths)
+                x_btd, kv = nnx.merge(layer_graphdef, state_l)(x_btd, positions_bt, rope, layer_cache, layer)
+                return (x_btd, kv), None
+
+            if remat:  # training only: keep one [B, T, D] residual per layer, recompute the rest backwards
+                one_layer = jax.checkpoint(one_layer, prevent_cse=False)  # inside scan, CSE cannot undo it
+            # The global index of each layer of the run: its slot in the stacked [L, ...] cache.
+            layers_l = jnp.arange(start, start + len(kinds), dtype=jnp.int32)
+            (x_btd, kv), _ = jax.lax.scan(one_layer, (x_btd, kv), (layer_state, layers_l))
         h_btd = self.norm(x_btd)
         if cache is None:
             return h_btd, None

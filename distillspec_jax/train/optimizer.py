@@ -22,8 +22,8 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 def is_matrix(shape: tuple[int, ...], path: tuple) -> bool:
     """Whether a parameter is a matrix (an embedding or a projection) rather than a norm's scale vector;
-    parameters under `layers` carry the stacked layer dimension in front."""
-    stacked = any(getattr(k, "key", k) == qwen3.LAYERS_AXIS for k in path)
+    parameters under a run of layers (`layers`, `layers_<start>`) carry the stacked layer dimension in front."""
+    stacked = any(qwen3.is_run_name(getattr(k, "key", k)) for k in path)
     return len(shape) - stacked >= 2
 
 
