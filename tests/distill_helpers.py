@@ -16,7 +16,7 @@ from flax import nnx
 from distillspec_jax import checkpoint, train
 from distillspec_jax import sharding as shd
 from distillspec_jax.data import source as data_source
-from distillspec_jax.models import qwen3
+from distillspec_jax.models import qwen3, qwen3_moe
 
 VOCAB = 64  # tiny vocabulary (divides a tensor axis of 2); the last 4 ids are padding rows
 REAL_VOCAB = 60
@@ -28,6 +28,9 @@ TARGET_CFG = qwen3.Qwen3Config(vocab_size=VOCAB, num_real_tokens=REAL_VOCAB, hid
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                rope_theta=10000.0, max_position_embeddings=256)
 DRAFT_CFG = TARGET_CFG.replace(num_hidden_layers=1)
+# An MoE target of the same vocabulary: 8 experts (2 per token) in every layer.
+MOE_TARGET_CFG = qwen3_moe.Qwen3MoeConfig(**vars(TARGET_CFG), num_experts=8, num_experts_per_tok=2,
+                                          moe_intermediate_size=32)
 
 
 def make_target(seed: int = 1, cfg: qwen3.Qwen3Config = TARGET_CFG) -> qwen3.Qwen3:

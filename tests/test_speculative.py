@@ -24,7 +24,7 @@ from distillspec_jax import decoding
 from distillspec_jax import generate as gen
 from distillspec_jax import sampling
 from distillspec_jax import speculative as spec
-from distillspec_jax.models import convert, qwen3
+from distillspec_jax.models import convert, qwen3, qwen3_moe
 from distillspec_jax.sampling import Sampler
 
 GREEDY = Sampler(temperature=0.0)
@@ -60,6 +60,13 @@ def tiny_config(vocab: int = VOCAB, layers: int = 2, hidden: int = 64) -> qwen3.
     return qwen3.Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                              num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                              max_position_embeddings=256, rope_theta=10_000.0)
+
+
+def tiny_moe_config(vocab: int = VOCAB, layers: int = 2, hidden: int = 64) -> qwen3_moe.Qwen3MoeConfig:
+    """An MoE target: 8 experts, 2 per token, the first layer dense (mlp_only_layers), so both MLPs and two
+    runs of layers are on the path."""
+    return qwen3_moe.Qwen3MoeConfig(**{**vars(tiny_config(vocab, layers, hidden))}, num_experts=8,
+                                    num_experts_per_tok=2, moe_intermediate_size=hidden // 2, mlp_only_layers=(0,))
 
 
 def map_params(model: qwen3.Qwen3, fn) -> qwen3.Qwen3:
@@ -167,6 +174,25 @@ def test_spec_matches_hf_assisted_generation(tiny_checkpoints, draft_case):
     print(f"HF assisted ({draft_case}): {spec.summarize(out.stats)['block_efficiency']=}")
     assert hf.shape == (1, new_tokens)
     np.testing.assert_array_equal(_np(out.tokens), hf)
+
+
+@pytest.fixture(scope="module")
+def moe_target():
+    return make_model(20, tiny_moe_config())
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 5])
+def test_spec_greedy_with_moe_target_equals_its_greedy(moe_target, gamma):
+    """An MoE target and a draft that partly agrees with it (the target perturbed, itself MoE): verify calls of
+    γ + 1 tokens per row (the experts of all the rows' tokens at once) and rollbacks of different depths give
+    token for token the target's own greedy decoding."""
+    ref = gen.generate(moe_target, PROMPTS, PROMPT_LENS, BUDGET, GREEDY)
+    draft = perturb(moe_target, NEAR_DRAFT_NOISE, seed=3)
+    out = spec.speculative_generate(moe_target, draft, PROMPTS, PROMPT_LENS, gamma, BUDGET, GREEDY)
+    summary = spec.summarize(out.stats)
+    print(f"greedy moe target γ={gamma}: α={summary['acceptance_rate']:.3f} τ={summary['block_efficiency']:.3f}")
+    np.testing.assert_array_equal(_np(out.tokens), _np(ref.tokens))
+    assert 0.0 < summary["acceptance_rate"] < 1.0 and len(set(_np(out.stats.accepted).tolist())) > 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,3 +461,23 @@ def test_spec_stats_merge_across_runs(target, drafts):
     batch_blocks = sum(int(np.sum(_np(s.batch_blocks))) for s in runs)
     assert merged["batch_block_efficiency"] == merged["emitted_tokens"] / batch_blocks
     assert merged["batch_block_efficiency"] <= merged["block_efficiency"]
+
+
+@pytest.mark.parametrize("case", ["T=1", "wrong:accept_always"])
+def test_spec_sampling_is_lossless_with_moe_target(case):
+    """The chi-square test of the first two tokens with an MoE target (and a dense draft): the lossless rule
+    passes, the wrong one is rejected."""
+    sampler, variant = LOSSLESS_CASES[case]
+    target = make_model(30, tiny_moe_config(TINY_VOCAB, layers=2, hidden=32))
+    draft = make_model(11, tiny_config(TINY_VOCAB, layers=1, hidden=32))
+    prompts = np.repeat(LOSSLESS_PROMPT[None], NUM_SAMPLES, 0)
+    lens = np.full(NUM_SAMPLES, len(LOSSLESS_PROMPT))
+    out = spec.speculative_generate(target, draft, prompts, lens, LOSSLESS_GAMMA, 2, sampler, jax.random.key(7),
+                                    acceptance=variant or "lossless")
+    stat, dof, pvalue = chi_square(first_two_counts(_np(out.tokens), TINY_VOCAB),
+                                   exact_first_two(target, LOSSLESS_PROMPT, sampler))
+    summary = spec.summarize(out.stats)
+    print(f"lossless moe target {case}: chi2={stat:.1f} dof={dof} p={pvalue:.3g} "
+          f"(α={summary['acceptance_rate']:.3f}, n={NUM_SAMPLES})")
+    assert 0.05 < summary["acceptance_rate"] < 0.95 or variant == "accept_always"
+    assert pvalue > PASS_LEVEL if variant is None else pvalue < POWER_LEVEL

@@ -22,6 +22,7 @@ from flax import nnx
 from distillspec_jax import checkpoint, tracking, train
 from distillspec_jax import sharding as shd
 from distillspec_jax.data import source as data_source
+from distillspec_jax.models import qwen3
 from tests import distill_helpers as h
 from tests import sigterm_worker
 
@@ -180,11 +181,12 @@ LEARN_STEPS, LEARN_BATCH, LEARN_SEQ = 300, 16, 16
 EVAL_POSITION = 10**6  # a batch the training stream never yields
 
 
-def _distill(divergence: str, fraction: float | None = None, reference=None):
+def _distill(divergence: str, fraction: float | None = None, reference=None, target_cfg=h.TARGET_CFG):
     """Distils a fresh 1-layer draft toward the 2-layer target; (metrics before, after, trained draft)."""
     cfg = train.TrainConfig(divergence=divergence, **h.selection(fraction), learning_rate=3e-3, warmup_steps=20,
                             steps=LEARN_STEPS, loss_chunk=8)
-    distiller = train.Distiller(cfg, h.make_draft(), h.make_target(), shd.single_device_mesh(), reference)
+    distiller = train.Distiller(cfg, h.make_draft(), h.make_target(cfg=target_cfg), shd.single_device_mesh(),
+                                reference)
     state = distiller.init_state()
     eval_batch = distiller.global_batch(h.synthetic_batch(EVAL_POSITION, 64, LEARN_SEQ))
     before = {k: float(v) for k, v in distiller.loss_metrics(state.params, eval_batch).items()}
@@ -213,6 +215,30 @@ def test_distillation_lowers_divergence_and_raises_acceptance(name, fkl_run):
           f"1 - TVD {before['acceptance']:.4f} -> {after['acceptance']:.4f} ({LEARN_STEPS} steps, held-out batch)")
     assert after["divergence"] < 0.6 * before["divergence"]
     assert after["acceptance"] > before["acceptance"] + 0.15
+
+
+def test_distilling_a_dense_draft_toward_an_moe_target_lowers_divergence():
+    before, after, _ = _distill("jsd", target_cfg=h.MOE_TARGET_CFG)
+    print(f"\njsd toward an MoE target: divergence {before['divergence']:.4f} -> {after['divergence']:.4f}, "
+          f"1 - TVD {before['acceptance']:.4f} -> {after['acceptance']:.4f}")
+    assert after["divergence"] < 0.6 * before["divergence"]
+    assert after["acceptance"] > before["acceptance"] + 0.15
+
+
+def test_a_sharded_step_with_an_moe_target_equals_one_device():
+    """Experts over fsdp, their width over tensor: one distillation step on 8 devices gives the one-device loss
+    and parameters."""
+    cfg = train.TrainConfig(divergence="fkl", loss_chunk=8, warmup_steps=0, steps=2)
+    batch = h.synthetic_batch(0, 8, 16)
+    results = {}
+    for shape in ((1, 1, 1), (2, 2, 2)):
+        mesh = shd.make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
+        distiller = train.Distiller(cfg, h.make_draft(), h.make_target(cfg=h.MOE_TARGET_CFG), mesh)
+        state, metrics = distiller.step(distiller.init_state(), distiller.global_batch(batch))
+        results[shape] = (float(metrics["loss"]), jax.device_get(state.params))
+    (loss_1, params_1), (loss_8, params_8) = results.values()
+    np.testing.assert_allclose(loss_8, loss_1, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params_8, params_1)
 
 
 def test_bfloat16_target_runs_close_to_float32():
@@ -298,6 +324,12 @@ def test_different_vocabularies_raise(change):
     target = h.make_target(cfg=h.TARGET_CFG.replace(**change))
     with pytest.raises(ValueError, match="vocabularies differ"):
         train.Distiller(train.TrainConfig(), h.make_draft(), target, shd.single_device_mesh())
+
+
+def test_an_moe_draft_with_a_dense_target_of_another_vocabulary_raises():
+    draft = qwen3.init_model(h.MOE_TARGET_CFG.replace(vocab_size=128, num_real_tokens=None, num_hidden_layers=1))
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        train.Distiller(train.TrainConfig(), draft, h.make_target(), shd.single_device_mesh())
 
 
 def test_adaspec_without_reference_raises():
