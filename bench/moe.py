@@ -5,10 +5,17 @@ crossover is what `qwen3_moe.DENSE_MAX_TOKENS` sets for `expert_impl='auto'`.
     python -m bench.moe                                   # CPU, a Qwen3-30B-A3B layer at reduced width
     python -m bench.moe --hidden=2048 --width=768         # the real 30B-A3B layer
     python -m bench.moe --tpu=v5p-8                   # adds XLA's TPU cost analysis of each (an estimate)
+    python -m bench.moe --tokens= --cost_model=Qwen3-30B-A3B --chip=v5p   # only the analytic MoE cost model
 
 Per token count M = B * T: the median wall time of each implementation on this machine, and the compiled
 program's FLOPs and bytes accessed from XLA's cost analysis (CPU, and the TPU topology when given: compiled
 ahead of time, never run, so labelled an estimate).
+
+With --cost_model, the analytic MoE cost model of that preset (`costs`): per batch size B and γ, the experts
+per layer a step and a verify call read under uniform routing, v_moe = verify bytes / step bytes, the step
+time at the chip's HBM bandwidth, c (draft step / target step, by bytes, with the 0.6B draft), and the
+speedup τ̂ / (γ·c + v_moe) against the dense formula's τ̂ / (γ·c + 1) for τ̂ at α = 0.6 and 0.8. Every figure
+of this section is an estimate from shapes, not a measurement.
 """
 
 from __future__ import annotations
@@ -17,10 +24,11 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bench import common
-from distillspec_jax.models import qwen3_moe
+from distillspec_jax import costs
+from distillspec_jax import evaluate as ev
+from distillspec_jax.models import catalog, qwen3_moe
 
 
 def layer_inputs(tokens: int, hidden: int, experts: int, width: int, dtype, seed: int = 0):
@@ -49,6 +57,30 @@ def cost(compiled) -> dict[str, float]:
     return {"flops": float(analysis.get("flops", 0.0)), "bytes_accessed": float(analysis.get("bytes accessed", 0.0))}
 
 
+def cost_model(preset: str, chip: str, context: int, gammas=range(1, 8), batches=(1, 8, 32)) -> dict:
+    """The analytic MoE cost model of a preset in bfloat16 on one chip (estimates from shapes)."""
+    target = catalog.preset(preset, param_dtype="bfloat16", dtype="bfloat16")
+    draft = catalog.preset("Qwen3-0.6B", param_dtype="bfloat16", dtype="bfloat16")
+    hw = costs.chip(chip)
+    rows = []
+    for batch in batches:
+        step_bytes = costs.decode_step_bytes(target, batch, context)
+        c = costs.decode_step_bytes(draft, batch, context) / step_bytes
+        for gamma in gammas:
+            v = costs.verify_cost_ratio(target, batch, gamma, context)
+            row = {"batch": batch, "gamma": gamma, "experts_per_step": costs.expected_experts_read(target, batch),
+                   "experts_per_verify": costs.expected_experts_read(target, batch * (gamma + 1)),
+                   "step_bytes": step_bytes, "step_s_at_hbm_bandwidth": step_bytes / hw.hbm_bytes_per_s,
+                   "c": c, "v_moe": v}
+            for alpha in (0.6, 0.8):
+                tau = ev.expected_block_efficiency(alpha, gamma)
+                row[f"speedup_dense_formula_alpha{alpha}"] = ev.predicted_speedup(tau, gamma, c)
+                row[f"speedup_moe_alpha{alpha}"] = ev.predicted_speedup(tau, gamma, c, v)
+            rows.append(row)
+    return {"label": "analytic estimate from the published shapes and the chip's HBM bandwidth (uniform routing), "
+                     "not a measurement", "preset": preset, "chip": hw.name, "context": context, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=1024, help="D (30B-A3B: 2048)")
@@ -59,6 +91,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tpu", default="", help="a TPU topology (a slice name, e.g. v5p-8) for XLA's cost estimate")
+    parser.add_argument("--cost_model", default="", help="a Qwen3-MoE preset for the analytic cost model section")
+    parser.add_argument("--chip", default="v5p", help="with --cost_model: the chip whose HBM bandwidth is used")
+    parser.add_argument("--context", type=int, default=384, help="with --cost_model: cached positions per row")
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
     tpu_device = None
@@ -67,7 +102,7 @@ def main() -> None:
 
         tpu_device = tpu_topology.topology_devices(args.tpu)[0]
     rows = []
-    for tokens in (int(t) for t in args.tokens.split(",")):
+    for tokens in (int(t) for t in args.tokens.split(",") if t):
         inputs = layer_inputs(tokens, args.hidden, args.experts, args.width, dtype)
         row: dict = {"tokens": tokens}
         outputs = {}
@@ -86,7 +121,8 @@ def main() -> None:
         row["faster"] = min(("ragged", "dense"), key=lambda impl: row[impl]["seconds"])
         rows.append(row)
     common.print_json({"machine": common.machine_info(), "tpu": args.tpu or None, "rows": rows,
-                       "shape": {k: getattr(args, k) for k in ("hidden", "experts", "active", "width", "dtype")}})
+                       "shape": {k: getattr(args, k) for k in ("hidden", "experts", "active", "width", "dtype")},
+                       "cost_model": cost_model(args.cost_model, args.chip, args.context) if args.cost_model else None})
 
 
 if __name__ == "__main__":

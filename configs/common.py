@@ -142,6 +142,9 @@ def base() -> ConfigDict:
         target_kv_heads=1,  # target kv heads
         target_ffn=512,  # target MLP width F
         target_steps=300,  # target pre-training steps (cross-entropy)
+        target_experts=0,  # 0: a dense target; E > 0: a Qwen3-MoE target with E experts in every layer
+        target_experts_per_tok=2,  # with target_experts: experts each token is routed to (A)
+        target_expert_ffn=128,  # with target_experts: width F of one expert
         draft_layers=1,  # draft depth
         draft_hidden=96,  # draft width D
         draft_heads=2,  # draft query heads (head_dim 48)

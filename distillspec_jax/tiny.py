@@ -29,7 +29,7 @@ from distillspec_jax import train
 from distillspec_jax.data import source as data_source
 from distillspec_jax.data import sources
 from distillspec_jax.errors import Preempted
-from distillspec_jax.models import convert, qwen3
+from distillspec_jax.models import convert, qwen3, qwen3_moe
 from distillspec_jax.tokenizer import train_small_tokenizer
 
 TOKENIZER_DIR = "tokenizer"
@@ -51,20 +51,32 @@ class TinyModels:
     draft: pathlib.Path
 
 
+MOE_FIELDS = ("target_experts", "target_experts_per_tok", "target_expert_ffn")  # used when target_experts > 0
+
+
 def cache_key(tiny_cfg: dict, seed: int) -> str:
-    """Hash of everything the build depends on: its config, the seed, and the corpus (Python version)."""
+    """Hash of everything the build depends on: its config, the seed, and the corpus (Python version). The MoE
+    fields count only for an MoE target, so a dense build keeps the key it had before they existed."""
+    if not tiny_cfg.get("target_experts", 0):
+        tiny_cfg = {k: v for k, v in tiny_cfg.items() if k not in MOE_FIELDS}
     blob = json.dumps({"tiny": tiny_cfg, "seed": seed, "python": platform.python_version()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def model_config(tiny_cfg: dict, which: str, vocab_size: int) -> qwen3.Qwen3Config:
+    """The tiny target's or draft's config; the target is Qwen3-MoE when tiny.target_experts > 0."""
     layers, hidden, heads, kv, ffn = (tiny_cfg[f"{which}_{k}"] for k in ("layers", "hidden", "heads", "kv_heads", "ffn"))
     if hidden % heads:
         raise ValueError(f"tiny.{which}_hidden={hidden} must be a multiple of tiny.{which}_heads={heads}")
-    return qwen3.Qwen3Config(
+    cfg = qwen3.Qwen3Config(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads, tie_word_embeddings=True,
         rope_theta=10_000.0, max_position_embeddings=TINY_MAX_POSITIONS)
+    if which == "target" and tiny_cfg.get("target_experts", 0) > 0:
+        return qwen3_moe.Qwen3MoeConfig.from_dense(cfg, num_experts=tiny_cfg["target_experts"],
+                                        num_experts_per_tok=tiny_cfg["target_experts_per_tok"],
+                                        moe_intermediate_size=tiny_cfg["target_expert_ffn"])
+    return cfg
 
 
 def corpus_sequences(token_stream: np.ndarray, seq_len: int, seed: int) -> np.ndarray:

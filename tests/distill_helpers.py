@@ -29,7 +29,7 @@ TARGET_CFG = qwen3.Qwen3Config(vocab_size=VOCAB, num_real_tokens=REAL_VOCAB, hid
                                rope_theta=10000.0, max_position_embeddings=256)
 DRAFT_CFG = TARGET_CFG.replace(num_hidden_layers=1)
 # An MoE target of the same vocabulary: 8 experts (2 per token) in every layer.
-MOE_TARGET_CFG = qwen3_moe.Qwen3MoeConfig(**vars(TARGET_CFG), num_experts=8, num_experts_per_tok=2,
+MOE_TARGET_CFG = qwen3_moe.Qwen3MoeConfig.from_dense(TARGET_CFG, num_experts=8, num_experts_per_tok=2,
                                           moe_intermediate_size=32)
 
 

@@ -119,6 +119,17 @@ def _check_run(workdir: pathlib.Path, stdout: str, divergence: str, preset: str,
             assert 1.0 <= r["block_efficiency"] <= r["gamma"] + 1, r
             assert r["rows"] == 2 and r["target_calls"] > 0
             assert ("measured_speedup" in r) == timed
+    if target_id in fake_hub.QWEN3_MOE_REPOS:  # the expert-union counts and the MoE prediction of v
+        moe = fake_hub.TINY_MOE_SHAPE
+        union = res["expert_union"]
+        assert {(r["gamma"], r["batch"]) for r in union} == {(g, b) for g in GAMMAS for b in (1, 2)}
+        for r in union:
+            for count in ("experts_per_step", "experts_per_verify_row", "experts_per_verify_batch"):
+                assert moe["num_experts_per_tok"] <= r[count] <= moe["num_experts"], (count, r)
+            assert r["verify_cost_ratio_moe"] > 0
+        assert all("verify_cost_ratio_moe" in r for r in res["before"] + res["after"])
+    else:
+        assert "expert_union" not in res
     assert res["run"]["target"] == target_id and res["run"]["draft"] == draft_id
     assert res["run"]["divergence"] == c.distill.divergence and res["training"]["steps"] == 2
     assert "τ before" in stdout and "temperature 1" in stdout

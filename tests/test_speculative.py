@@ -65,7 +65,7 @@ def tiny_config(vocab: int = VOCAB, layers: int = 2, hidden: int = 64) -> qwen3.
 def tiny_moe_config(vocab: int = VOCAB, layers: int = 2, hidden: int = 64) -> qwen3_moe.Qwen3MoeConfig:
     """An MoE target: 8 experts, 2 per token, the first layer dense (mlp_only_layers), so both MLPs and two
     runs of layers are on the path."""
-    return qwen3_moe.Qwen3MoeConfig(**{**vars(tiny_config(vocab, layers, hidden))}, num_experts=8,
+    return qwen3_moe.Qwen3MoeConfig.from_dense(tiny_config(vocab, layers, hidden), num_experts=8,
                                     num_experts_per_tok=2, moe_intermediate_size=hidden // 2, mlp_only_layers=(0,))
 
 

@@ -300,7 +300,8 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x_btd, positions_bt, rope, cache: KVCache | None, layer: jax.Array | None):
         """One layer. With a cache, the new keys and values are written into layer `layer` of the stacked
-        cache before attention reads it; returns (x_btd, (k, v) of the updated stacked cache or None)."""
+        cache before attention reads it; returns (x_btd, (k, v) of the updated stacked cache or None, the
+        normed input of the MLP [B, T, D], which analyses of the routing read and everything else drops)."""
         q_btnh, k_btkh, v_btkh = self.attn.project(self.attn_norm(x_btd), rope)
         if cache is None:
             keys_bskh, values_bskh, new_kv = k_btkh, v_btkh, None
@@ -309,8 +310,8 @@ class DecoderLayer(nnx.Module):
             v_lbskh = _write_rows(cache.v, layer, v_btkh, cache.lengths)
             keys_bskh, values_bskh, new_kv = k_lbskh[layer], v_lbskh[layer], (k_lbskh, v_lbskh)
         x_btd = x_btd + self.attn.output(q_btnh, keys_bskh, values_bskh, positions_bt)
-        x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
-        return x_btd, new_kv
+        mlp_in_btd = self.mlp_norm(x_btd)
+        return x_btd + self.mlp(mlp_in_btd), new_kv, mlp_in_btd
 
 
 LAYERS_AXIS = "layers"  # logical axis of the stacked layer dimension L (never sharded: the scan walks it)
@@ -375,11 +376,15 @@ class Qwen3(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nnx.Param(normal_init(rngs, (cfg.hidden_size, cfg.vocab_size), pdt), axes=("embed", "vocab"))
 
-    def _decoder(self, tokens_bt, positions_bt, cache: KVCache | None, remat: bool = False):
+    def _decoder(self, tokens_bt, positions_bt, cache: KVCache | None, remat: bool = False,
+                 mlp_inputs: bool = False):
+        """(final-norm hidden states, the advanced cache or None, per run of layers its MLPs' inputs
+        [L_run, B, T, D] when `mlp_inputs`, else None)."""
         dt = resolve_dtype(self.cfg.dtype)
         x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
         rope = rope_tables(positions_bt, self.cfg.head_dim, self.cfg.rope_theta)
         kv = None if cache is None else (cache.k, cache.v)
+        runs_mlp_in = []
         for start, kinds in layer_runs(self.cfg):
             layer_graphdef, layer_state = nnx.split(getattr(self, run_name(start)))
 
@@ -387,18 +392,21 @@ class Qwen3(nnx.Module):
                 x_btd, kv = carry
                 state_l, layer = xs
                 layer_cache = None if kv is None else KVCache(kv[0], kv[1], cache.lengths)
-                x_btd, kv = nnx.merge(layer_graphdef, state_l)(x_btd, positions_bt, rope, layer_cache, layer)
-                return (x_btd, kv), None
+                x_btd, kv, mlp_in_btd = nnx.merge(layer_graphdef, state_l)(x_btd, positions_bt, rope, layer_cache,
+                                                                           layer)
+                return (x_btd, kv), (mlp_in_btd if mlp_inputs else None)
 
             if remat:  # training only: keep one [B, T, D] residual per layer, recompute the rest backwards
                 one_layer = jax.checkpoint(one_layer, prevent_cse=False)  # inside scan, CSE cannot undo it
             # The global index of each layer of the run: its slot in the stacked [L, ...] cache.
             layers_l = jnp.arange(start, start + len(kinds), dtype=jnp.int32)
-            (x_btd, kv), _ = jax.lax.scan(one_layer, (x_btd, kv), (layer_state, layers_l))
+            (x_btd, kv), mlp_in_lbtd = jax.lax.scan(one_layer, (x_btd, kv), (layer_state, layers_l))
+            runs_mlp_in.append(mlp_in_lbtd)
         h_btd = self.norm(x_btd)
+        runs_mlp_in = runs_mlp_in if mlp_inputs else None
         if cache is None:
-            return h_btd, None
-        return h_btd, KVCache(k=kv[0], v=kv[1], lengths=cache.lengths + tokens_bt.shape[1])
+            return h_btd, None, runs_mlp_in
+        return h_btd, KVCache(k=kv[0], v=kv[1], lengths=cache.lengths + tokens_bt.shape[1]), runs_mlp_in
 
     def hidden_states(self, tokens_bt: jax.Array, *, remat: bool = False) -> jax.Array:
         """Final-norm hidden states [B, T, D] of a causal pass from position 0 (right padding is safe).
@@ -409,6 +417,12 @@ class Qwen3(nnx.Module):
         """
         positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         return self._decoder(tokens_bt, positions_bt, None, remat=remat)[0]
+
+    def mlp_inputs(self, tokens_bt: jax.Array) -> list[jax.Array]:
+        """The normed input of every layer's MLP in a causal pass from position 0: one [L_run, B, T, D] array per
+        run of layers (`layer_runs`). What an analysis of the routing reads (`qwen3_moe.routed_experts`)."""
+        positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+        return self._decoder(tokens_bt, positions_bt, None, mlp_inputs=True)[2]
 
     def logits(self, h_btd: jax.Array) -> jax.Array:
         """LM head: [B, T, D] -> float32 [B, T, V], accumulated in float32 whatever the compute dtype."""
@@ -429,7 +443,7 @@ class Qwen3(nnx.Module):
         The caller guarantees lengths[b] + T <= cache.max_len (checked before jit by the engines).
         """
         positions_bt = cache.lengths[:, None] + jnp.arange(tokens_bt.shape[1])[None, :]
-        h_btd, cache = self._decoder(tokens_bt, positions_bt, cache)
+        h_btd, cache, _ = self._decoder(tokens_bt, positions_bt, cache)
         return self.logits(h_btd), cache
 
 

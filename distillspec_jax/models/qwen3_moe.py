@@ -56,6 +56,11 @@ class Qwen3MoeConfig(qwen3.Qwen3Config):
         if self.expert_impl not in EXPERT_IMPLS:
             raise ValueError(f"unknown expert_impl {self.expert_impl!r}; use one of {EXPERT_IMPLS}")
 
+    @classmethod
+    def from_dense(cls, dense: qwen3.Qwen3Config, **moe_fields) -> Qwen3MoeConfig:
+        """The dense config's attention, width and numerics with routed experts (`moe_fields`) as its MLPs."""
+        return cls(**{f.name: getattr(dense, f.name) for f in dataclasses.fields(qwen3.Qwen3Config)}, **moe_fields)
+
     def mlp_kinds(self) -> tuple[str, ...]:
         """HF's rule: layer i is sparse unless listed in mlp_only_layers or skipped by decoder_sparse_step."""
         return tuple(MOE_MLP if i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
@@ -188,3 +193,17 @@ class SparseMoe(nnx.Module):
         compute = EXPERT_FUNCTIONS[expert_impl_for(self.impl, x_btd.shape[0] * x_btd.shape[1])]
         return compute(x_btd, weights_bta, experts_bta, self.gate_proj[...].astype(dt), self.up_proj[...].astype(dt),
                        self.down_proj[...].astype(dt))
+
+
+def routed_experts(model: qwen3.Qwen3, tokens_bt: jax.Array) -> jax.Array:
+    """experts_lbta: the A experts of every token in every sparse layer (in layer order) of a causal pass,
+    [L_sparse, B, T, A] int32. What the expert-union cost model counts."""
+    cfg = model.cfg
+    experts = []
+    for (start, kinds), mlp_in_lbtd in zip(qwen3.layer_runs(cfg), model.mlp_inputs(tokens_bt)):
+        if kinds[0] != MOE_MLP:
+            continue
+        router_lde = getattr(model, qwen3.run_name(start)).mlp.router[...]
+        route_layer = jax.vmap(lambda x, r: route(x, r, cfg.num_experts_per_tok, cfg.norm_topk_prob)[1])
+        experts.append(route_layer(mlp_in_lbtd, router_lde))
+    return jnp.concatenate(experts, axis=0)

@@ -1,19 +1,25 @@
 """Stages `eval_before` and `eval_after`: the γ sweep of (target, draft) at every evaluation temperature,
 with the undistilled draft and then the distilled one.
 
-Owns config.eval. Writes `eval_before.json` and `eval_after.json`: one row per (temperature, γ).
+Owns config.eval. Writes `eval_before.json` and `eval_after.json`: one row per (temperature, γ). With an MoE
+target, eval_before also writes `expert_union.json` (the experts a step and a verify call read, per γ and batch
+size; see `expert_union`), and every row with a measured c gets the MoE prediction of the speedup beside the
+dense and measured-v ones.
 """
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 from ml_collections import ConfigDict
 
 from distillspec_jax import evaluate as ev
+from distillspec_jax import expert_union
+from distillspec_jax import generate as gen
 from distillspec_jax import sharding as shd
 from distillspec_jax import workdir as wd
 from distillspec_jax.data import pipeline
-from distillspec_jax.models import qwen3
+from distillspec_jax.models import catalog, qwen3, qwen3_moe
 from distillspec_jax.progress import Progress
 from distillspec_jax.sampling import Sampler
 from distillspec_jax.stages.data import load_data
@@ -21,6 +27,7 @@ from distillspec_jax.stages.distill import distilled_draft
 from distillspec_jax.stages.prepare import Models
 
 OUTPUTS = {"eval_before": "eval_before.json", "eval_after": "eval_after.json"}
+EXPERT_UNION = "expert_union.json"
 
 
 def eval_samplers(c: ConfigDict) -> list[Sampler]:
@@ -60,7 +67,42 @@ def speculative_sweep(c: ConfigDict, workdir: str, models: Models, draft: qwen3.
                                on_gamma=lambda g, t=sampler.temperature: progress.update(note=f"T={t} γ={g}"))
         rows += sweep
     progress.done()
+    if catalog.is_moe(models.target.cfg):
+        # Sampled text routes as a deployment's does; greedy text of a small model repeats itself.
+        sampler = next((s for s in samplers if s.temperature > 0), samplers[0])
+        table = expert_union_table(c, models, batches, sampler, jax.random.fold_in(jax.random.key(c.seed), 99))
+        wd.write_json(wd.path(workdir, EXPERT_UNION), table)
+        rows = [with_moe_prediction(row, table, int(np.shape(batches[0][0])[0])) for row in rows]
     return rows
+
+
+def expert_union_table(c: ConfigDict, models: Models, batches: list[ev.PromptBatch], sampler: Sampler,
+                       rng: jax.Array) -> list[dict]:
+    """The expert-union counts on the target's own continuations of the first evaluation batch, for every γ
+    of the sweep and batch sizes 1, 2, 4, ... up to the batch's."""
+    prompts, lens = batches[0]
+    out = gen.generate(models.target, prompts, lens, c.eval.max_new_tokens, sampler, rng, eos_ids=models.eos_ids,
+                       return_sequences=True)
+    experts_lbsa = shd.to_host(jax.jit(qwen3_moe.routed_experts)(models.target, out.sequences))
+    rows = int(np.shape(prompts)[0])
+    sizes = [2**i for i in range(rows.bit_length()) if 2**i <= rows]
+    context = np.shape(prompts)[1] + c.eval.max_new_tokens / 2  # the mean cached length during decoding
+    return expert_union.union_table(models.target.cfg, experts_lbsa, shd.to_host(lens), shd.to_host(out.lengths),
+                                    [int(g) for g in c.eval.gammas], sizes, context)
+
+
+def with_moe_prediction(row: dict, table: list[dict], batch: int) -> dict:
+    """The sweep row with v_moe at its γ and the evaluation's batch size, and, where c was measured, the MoE
+    prediction of the speedup τ / (γ·c + v_moe)."""
+    size = max(r["batch"] for r in table if r["batch"] <= batch)
+    entry = next(r for r in table if r["gamma"] == row["gamma"] and r["batch"] == size)
+    if "verify_cost_ratio_moe" not in entry:
+        return row
+    row = {**row, "verify_cost_ratio_moe": entry["verify_cost_ratio_moe"]}
+    if "cost_ratio" in row:
+        row["predicted_speedup_moe"] = ev.predicted_speedup(row["block_efficiency"], row["gamma"], row["cost_ratio"],
+                                                            entry["verify_cost_ratio_moe"])
+    return row
 
 
 def run_before(state) -> None:

@@ -100,15 +100,20 @@ def enable_compilation_cache(c: ConfigDict, workdir: str) -> str | None:
     return folder
 
 
+def tiny_models(c: ConfigDict, workdir: str):
+    """The `:tiny` tokenizer, target and draft: built once per tiny config and seed, then found in the cache."""
+    from distillspec_jax import tiny
+
+    build_cfg = {k: v for k, v in c.tiny.to_dict().items() if k not in ("cache_dir", "model_seed")}
+    return tiny.build(build_cfg, c.seed if c.tiny.model_seed < 0 else c.tiny.model_seed, str(model_cache(c, workdir)))
+
+
 def prepare(c: ConfigDict, workdir: str, mesh) -> Models:
     """Converts (once) and loads both models on the mesh; checks they share a vocabulary before loading."""
     cache = model_cache(c, workdir)
     tiny_tokenizer = None
     if c.target.model == TINY:
-        from distillspec_jax import tiny
-
-        build_cfg = {k: v for k, v in c.tiny.to_dict().items() if k not in ("cache_dir", "model_seed")}
-        built = tiny.build(build_cfg, c.seed if c.tiny.model_seed < 0 else c.tiny.model_seed, str(cache))
+        built = tiny_models(c, workdir)
         target_dir, draft_dir, tiny_tokenizer = str(built.target), str(built.draft), str(built.tokenizer)
     else:
         target_dir = converted(c.target.model, c.target.param_dtype, cache, mesh)

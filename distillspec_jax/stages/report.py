@@ -45,7 +45,8 @@ def _selection(c: ConfigDict) -> dict[str, Any]:
 
 
 def results(c: ConfigDict, workdir: str) -> dict[str, Any]:
-    """results.json: the run's identity, both evaluations (one row per temperature and γ), training, checks."""
+    """results.json: the run's identity, both evaluations (one row per temperature and γ), training, checks, and
+    for an MoE target the expert-union table."""
     before = wd.read_json(wd.path(workdir, evaluation.OUTPUTS["eval_before"])) or []
     after = wd.read_json(wd.path(workdir, evaluation.OUTPUTS["eval_after"])) or []
     return {
@@ -58,6 +59,7 @@ def results(c: ConfigDict, workdir: str) -> dict[str, Any]:
         "after": after,
         "training": wd.read_json(wd.path(workdir, distill.OUTPUT)) or {},
         "checks": tau_checks(before, after),
+        **({"expert_union": union} if (union := wd.read_json(wd.path(workdir, evaluation.EXPERT_UNION))) else {}),
     }
 
 
