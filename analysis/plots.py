@@ -361,13 +361,21 @@ def analytic_vs_measured(runs: Sequence[Run]) -> Figure:
 # (row key, panel title) of the predictions plotted against the measured speedup
 SPEEDUP_PANELS = (("predicted_speedup", "predicted τ / (γc + 1)"),
                   ("predicted_speedup_with_verify_cost", "predicted τ / (γc + v), v = measured verify cost"))
+# With an MoE target, a third panel (v from the bytes of the experts the verify call's tokens route to), and
+# titles short enough for three panels.
+MOE_SPEEDUP_PANELS = (("predicted_speedup", "predicted τ / (γc + 1)"),
+                      ("predicted_speedup_with_verify_cost", "τ / (γc + v), v measured"),
+                      ("predicted_speedup_moe", "τ / (γc + v_moe), expert union"))
 
 
 def speedup(runs: Sequence[Run]) -> Figure:
-    """Predicted against measured wall-clock speedup (target-only time / speculative time)."""
+    """Predicted against measured wall-clock speedup (target-only time / speculative time); with an MoE target
+    also the expert-union prediction."""
     temps = temperatures(runs)
-    fig, axes = _new_figure(len(SPEEDUP_PANELS), "Speedup of speculative decoding over the target alone")
-    for ax, (key, title) in zip(axes, SPEEDUP_PANELS):
+    moe = any(MOE_SPEEDUP_PANELS[-1][0] in r for run in runs for r in run.before + run.after)
+    panels = MOE_SPEEDUP_PANELS if moe else SPEEDUP_PANELS
+    fig, axes = _new_figure(len(panels), "Speedup of speculative decoding over the target alone")
+    for ax, (key, title) in zip(axes, panels):
         values = _scatter_panel(ax, runs, key, "measured_speedup", temps)
         if values:
             _equal_limits(ax, values + [1.0], floor=0.0)

@@ -256,3 +256,18 @@ def test_wandb_download_without_results_json_is_a_clear_error(tmp_path):
         wandb_files.download_run("ent/proj/abc123", tmp_path / "dst", api=_FakeApi(tmp_path / "src"))
     with pytest.raises(ValueError, match="entity/project/run_id"):
         wandb_files.download_run("abc123", tmp_path / "dst", api=_FakeApi(tmp_path / "src"))
+
+
+def test_an_moe_run_gets_the_expert_union_speedup_panel(pipeline_workdir, tmp_path):
+    """A run whose rows carry the MoE prediction adds the third speedup panel, with its points drawn."""
+    moe = _copy_run(pipeline_workdir, tmp_path / "moe", name="moe", divergence="jsd", scale=1.0)
+    res = json.loads((moe / "results.json").read_text())
+    for row in res["before"] + res["after"]:
+        if "predicted_speedup" in row:
+            row["predicted_speedup_moe"] = 0.8 * row["predicted_speedup"]
+    (moe / "results.json").write_text(json.dumps(res))
+    dense_axes = plots.speedup(plots.load_runs([pipeline_workdir])).axes
+    moe_axes = plots.speedup(plots.load_runs([moe])).axes
+    assert len(moe_axes) == len(dense_axes) + 1
+    assert "v_moe" in moe_axes[len(dense_axes)].get_title()
+    assert moe_axes[-1].collections  # the scatter points of the MoE prediction
