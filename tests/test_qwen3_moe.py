@@ -71,8 +71,8 @@ def test_ragged_batch_matches_hf_with_attention_mask(tiny_moe_checkpoints, impl)
 
 @pytest.mark.parametrize("case", sorted(TINY_MOE_CASES))
 def test_prefill_then_cached_decode_matches_hf(tiny_moe_checkpoints, case):
-    """A prefill chunk, then single and multi-token cached steps (auto: dense for the few tokens of a step,
-    grouped for the prefill), equal HF's one pass."""
+    """A prefill chunk, then single and multi-token cached steps (the `auto` expert implementation), equal HF's
+    one pass."""
     path = tiny_moe_checkpoints[case]
     tokens = _tokens(2, 15, seed=5)
     model = convert.load_hf(path)

@@ -158,10 +158,12 @@ def experts_ragged(x_btd, weights_bta, experts_bta, gate_edf, up_edf, down_efd) 
 
 EXPERT_FUNCTIONS = {"ragged": experts_ragged, "dense": experts_dense}
 
-# `auto` computes every expert densely when a call has at most this many tokens (B * T), measured with
-# bench/moe.py (docs/benchmarks.md): below it, the sort, gathers and per-group dispatch cost more than the
-# E / A extra FLOPs of the one-hot combine.
-DENSE_MAX_TOKENS = 8
+# `auto` computes every expert densely when a call has at most this many tokens (B * T): every decode step and
+# verify call up to B * (γ + 1) = 256, while prefills and training steps take the grouped matmul. Measured with
+# bench/moe.py (docs/moe.md), E = 128, A = 8, D = 1024, F = 384: on CPU the dense form was faster at every count
+# up to 512 (ragged_dot's CPU lowering touches every group); in XLA's TPU cost estimate both read the same
+# weight bytes, and the dense form's 16x FLOPs stay under v5p's ridge point up to about 400 tokens.
+DENSE_MAX_TOKENS = 256
 
 
 def expert_impl_for(impl: str, tokens: int) -> str:
