@@ -113,7 +113,9 @@ class Qwen3Config:
 
 
 
-def _preset(hidden: int, ffn: int, layers: int, heads: int, tied: bool) -> Qwen3Config:
+def published_shape(hidden: int, ffn: int, layers: int, heads: int, tied: bool, kv_heads: int = 8) -> Qwen3Config:
+    """A released Qwen3 checkpoint's config: its shape, with the values every Qwen3 release shares (vocabulary,
+    head width 128, RoPE, norms)."""
     return Qwen3Config(
         vocab_size=QWEN3_VOCAB_SIZE,
         num_real_tokens=QWEN3_NUM_REAL_TOKENS,
@@ -121,7 +123,7 @@ def _preset(hidden: int, ffn: int, layers: int, heads: int, tied: bool) -> Qwen3
         intermediate_size=ffn,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=8,
+        num_key_value_heads=kv_heads,
         head_dim=128,
         tie_word_embeddings=tied,
     )
@@ -130,12 +132,12 @@ def _preset(hidden: int, ffn: int, layers: int, heads: int, tied: bool) -> Qwen3
 # The published config.json of each dense Qwen3 checkpoint (all: head_dim 128, 8 kv heads,
 # rope_theta 1e6, rms_norm_eps 1e-6, max_position_embeddings 40960, vocab 151936).
 PRESETS: dict[str, Qwen3Config] = {
-    "Qwen3-0.6B": _preset(1024, 3072, 28, 16, tied=True),
-    "Qwen3-1.7B": _preset(2048, 6144, 28, 16, tied=True),
-    "Qwen3-4B": _preset(2560, 9728, 36, 32, tied=True),
-    "Qwen3-8B": _preset(4096, 12288, 36, 32, tied=False),
-    "Qwen3-14B": _preset(5120, 17408, 40, 40, tied=False),
-    "Qwen3-32B": _preset(5120, 25600, 64, 64, tied=False),
+    "Qwen3-0.6B": published_shape(1024, 3072, 28, 16, tied=True),
+    "Qwen3-1.7B": published_shape(2048, 6144, 28, 16, tied=True),
+    "Qwen3-4B": published_shape(2560, 9728, 36, 32, tied=True),
+    "Qwen3-8B": published_shape(4096, 12288, 36, 32, tied=False),
+    "Qwen3-14B": published_shape(5120, 17408, 40, 40, tied=False),
+    "Qwen3-32B": published_shape(5120, 25600, 64, 64, tied=False),
 }
 
 

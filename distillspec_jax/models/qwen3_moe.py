@@ -84,21 +84,9 @@ class Qwen3MoeConfig(qwen3.Qwen3Config):
 
 
 def _preset(hidden: int, ffn: int, expert_ffn: int, layers: int, heads: int) -> Qwen3MoeConfig:
-    return Qwen3MoeConfig(
-        vocab_size=qwen3.QWEN3_VOCAB_SIZE,
-        num_real_tokens=qwen3.QWEN3_NUM_REAL_TOKENS,
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        moe_intermediate_size=expert_ffn,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=4,
-        head_dim=128,
-        tie_word_embeddings=False,
-        num_experts=128,
-        num_experts_per_tok=8,
-        norm_topk_prob=True,
-    )
+    dense = qwen3.published_shape(hidden, ffn, layers, heads, tied=False, kv_heads=4)
+    return Qwen3MoeConfig.from_dense(dense, moe_intermediate_size=expert_ffn, num_experts=128, num_experts_per_tok=8,
+                                     norm_topk_prob=True)
 
 
 # The published config.json of each Qwen3-MoE checkpoint (both: 4 kv heads of 128, 128 experts, 8 per token,
