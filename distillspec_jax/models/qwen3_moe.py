@@ -150,7 +150,8 @@ EXPERT_FUNCTIONS = {"ragged": experts_ragged, "dense": experts_dense}
 # verify call up to B * (γ + 1) = 256, while prefills and training steps take the grouped matmul. Measured with
 # bench/moe.py (docs/moe.md), E = 128, A = 8, D = 1024, F = 384: on CPU the dense form was faster at every count
 # up to 512 (ragged_dot's CPU lowering touches every group); in XLA's TPU cost estimate both read the same
-# weight bytes, and the dense form's 16x FLOPs stay under v5p's ridge point up to about 400 tokens.
+# weight bytes, and the dense form's 16x FLOPs stay under v5p's ridge point up to about 400 tokens. Under GSPMD the
+# grouped form's verify call also needed 4-9x the temporaries per chip (30B-A3B pre-flight, docs/moe.md).
 DENSE_MAX_TOKENS = 256
 
 
