@@ -317,6 +317,13 @@ def _check_tiny(f: _Fields) -> None:
         if heads % kv:
             raise field_error(f"tiny.{which}_kv_heads", kv, f"a divisor of tiny.{which}_heads={heads}",
                               f"--config.tiny.{which}_kv_heads=1")
+    experts = f.integer("tiny.target_experts", 0, fix_value=8)
+    active = f.integer("tiny.target_experts_per_tok", 1, fix_value=2)
+    f.integer("tiny.target_expert_ffn", 1, fix_value=128)
+    if experts and active > experts:
+        raise field_error("tiny.target_experts_per_tok", active, f"at most tiny.target_experts={experts}: a token "
+                          "cannot be routed to more experts than a layer has",
+                          f"--config.tiny.target_experts_per_tok={min(2, experts)}")
     f.text("tiny.cache_dir")
     f.integer("tiny.model_seed", 0, fix_value=-1, also=-1)
 

@@ -68,7 +68,7 @@ def expert_params(cfg: qwen3_moe.Qwen3MoeConfig) -> int:
 
 def expected_experts_read(cfg: qwen3_moe.Qwen3MoeConfig, tokens: float) -> float:
     """Distinct experts per sparse layer that `tokens` tokens route to, if each token's A experts were a uniform
-    draw: E·(1 − (1 − A/E)^tokens). An estimate for planning; `evaluate.expert_union` measures the real count."""
+    draw: E·(1 − (1 − A/E)^tokens). An estimate for planning; `expert_union.union_counts` measures the real count."""
     return cfg.num_experts * (1.0 - (1.0 - cfg.num_experts_per_tok / cfg.num_experts) ** tokens)
 
 

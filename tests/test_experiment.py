@@ -196,9 +196,13 @@ def test_unknown_config_key_is_an_error(tmp_path):
     ("distill.reference_steps", -1, "reference_steps"),
     ("distill.selection", "topk", "unknown token selection"),
     ("draft.model", "/no/such/checkpoint", "no/such/checkpoint"),
+    ("tiny.target_experts", -1, "tiny.target_experts"),
+    ("tiny.target_experts_per_tok", 9, "at most tiny.target_experts=8"),
 ])
 def test_bad_settings_fail_validation(field, value, message):
     c = jsd.get_config("test")
+    if field == "tiny.target_experts_per_tok":
+        c.tiny.target_experts = 8
     group, _, name = field.rpartition(".")
     (c[group] if group else c)[name] = value
     if field == "generator.mix_lambda":

@@ -119,6 +119,10 @@ def _check_run(workdir: pathlib.Path, stdout: str, divergence: str, preset: str,
             assert 1.0 <= r["block_efficiency"] <= r["gamma"] + 1, r
             assert r["rows"] == 2 and r["target_calls"] > 0
             assert ("measured_speedup" in r) == timed
+    # Every name the run wrote is one that overwrite=True discards (a stale expert_union.json must not survive).
+    from distillspec_jax import experiment
+
+    assert {p.name for p in workdir.iterdir()} <= set(experiment.OWNED), sorted(p.name for p in workdir.iterdir())
     if target_id in fake_hub.QWEN3_MOE_REPOS:  # the expert-union counts and the MoE prediction of v
         moe = fake_hub.TINY_MOE_SHAPE
         union = res["expert_union"]

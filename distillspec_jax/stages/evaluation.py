@@ -2,9 +2,9 @@
 with the undistilled draft and then the distilled one.
 
 Owns config.eval. Writes `eval_before.json` and `eval_after.json`: one row per (temperature, γ). With an MoE
-target, eval_before also writes `expert_union.json` (the experts a step and a verify call read, per γ and batch
-size; see `expert_union`), and every row with a measured c gets the MoE prediction of the speedup beside the
-dense and measured-v ones.
+target, each also writes `expert_union.json` (the experts a step and a verify call read, per γ and batch size;
+see `expert_union`; the same table both times, since it depends on the target alone), and every row with a
+measured c gets the MoE prediction of the speedup beside the dense and measured-v ones.
 """
 
 from __future__ import annotations
