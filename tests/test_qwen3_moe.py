@@ -268,3 +268,22 @@ def test_moe_checkpoint_labelled_dense_and_the_reverse_name_the_right_family(tin
                                                    "num_experts_per_tok": 2, "moe_intermediate_size": 16}))
     with pytest.raises(ValueError, match="dense MLP weights.*model_type 'qwen3'.*Qwen3-0.6B"):
         convert.load_hf(dense)
+
+
+def test_tiny_target_experts_builds_an_moe_target_and_leaves_dense_builds_as_they_were():
+    """config.tiny.target_experts > 0 gives the :tiny target routed experts in every layer (the draft stays
+    dense); at 0 the MoE fields do not enter the tiny cache key, so a dense build keeps its cached folder."""
+    from configs import jsd
+    from distillspec_jax import tiny
+
+    c = jsd.get_config("tiny")
+    dense_cfg = c.tiny.to_dict()
+    assert not catalog.is_moe(tiny.model_config(dense_cfg, "target", 1024))
+    before_fields = {k: v for k, v in dense_cfg.items() if k not in tiny.MOE_FIELDS}
+    assert tiny.cache_key(dense_cfg, 0) == tiny.cache_key(before_fields, 0)
+    moe_cfg = {**dense_cfg, "target_experts": 8}
+    target = tiny.model_config(moe_cfg, "target", 1024)
+    assert catalog.is_moe(target) and target.mlp_kinds() == ("moe",) * c.tiny.target_layers
+    assert (target.num_experts, target.num_experts_per_tok, target.moe_intermediate_size) == (8, 2, 128)
+    assert target.hidden_size == c.tiny.target_hidden and not catalog.is_moe(tiny.model_config(moe_cfg, "draft", 1024))
+    assert tiny.cache_key(moe_cfg, 0) != tiny.cache_key(dense_cfg, 0)
