@@ -56,7 +56,7 @@ def main() -> None:
     gammas = [int(g) for g in args.gammas.split(",")]
     sampler = Sampler(temperature=args.temperature)
     common.print_json({
-        "machine": common.machine_info(), "workdir": args.workdir, "temperature": args.temperature,
+        "benchmark": "expert_union", "machine": common.machine_info(), "workdir": args.workdir, "temperature": args.temperature,
         "model": {"num_experts": trained.cfg.num_experts, "num_experts_per_tok": trained.cfg.num_experts_per_tok,
                   "layers": list(trained.cfg.mlp_kinds())},
         "trained": table(trained, batch, sampler, c.eval.max_new_tokens, gammas, c.seed),

@@ -120,7 +120,7 @@ def main() -> None:
                                                           - outputs["dense"].astype(jnp.float32))))
         row["faster"] = min(("ragged", "dense"), key=lambda impl: row[impl]["seconds"])
         rows.append(row)
-    common.print_json({"machine": common.machine_info(), "tpu": args.tpu or None, "rows": rows,
+    common.print_json({"benchmark": "moe", "machine": common.machine_info(), "tpu": args.tpu or None, "rows": rows,
                        "shape": {k: getattr(args, k) for k in ("hidden", "experts", "active", "width", "dtype")},
                        "cost_model": cost_model(args.cost_model, args.chip, args.context) if args.cost_model else None})
 

@@ -127,8 +127,44 @@ def scale_table(result: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
+def moe_tables(result: dict[str, Any]) -> str:
+    """bench/moe.py: per token count, both expert forms' CPU time and cost analyses (CPU; TPU estimate when
+    compiled for one); then, when present, the analytic MoE cost model of speculative decoding."""
+    tpu = result.get("tpu")
+    header = ["tokens", "ragged ms", "dense ms", "faster", "CPU bytes ragged / dense"]
+    header += [f"TPU ({tpu}) est. bytes ragged / dense", "TPU est. FLOPs ragged / dense"] if tpu else []
+    rows = []
+    for r in result["rows"]:
+        row = [str(r["tokens"]), _f(r["ragged"]["seconds"] * 1e3, 1), _f(r["dense"]["seconds"] * 1e3, 1), r["faster"],
+               f"{r['ragged']['cpu_cost']['bytes_accessed']:.2e} / {r['dense']['cpu_cost']['bytes_accessed']:.2e}"]
+        if tpu:
+            est = {impl: r[impl]["tpu_cost_estimate"] for impl in ("ragged", "dense")}
+            row += [f"{est['ragged']['bytes_accessed']:.2e} / {est['dense']['bytes_accessed']:.2e}",
+                    f"{est['ragged']['flops']:.1e} / {est['dense']['flops']:.1e}"]
+        rows.append(row)
+    out = [_table(header, rows)] if rows else []
+    model = result.get("cost_model")
+    if model:
+        out.append(_table(["B", "γ", "experts per verify", "v_moe", "c", "speedup dense formula α=0.8",
+                           "speedup MoE model α=0.8"],
+                          [[str(r["batch"]), str(r["gamma"]), _f(r["experts_per_verify"], 1), _f(r["v_moe"]), _f(r["c"]),
+                            _f(r["speedup_dense_formula_alpha0.8"]), _f(r["speedup_moe_alpha0.8"])]
+                           for r in model["rows"]]))
+    return "\n\n".join(out)
+
+
+def expert_union_tables(result: dict[str, Any]) -> str:
+    """bench/expert_union.py: experts per layer of a step and of a verify call, trained and random targets."""
+    header = ["target", "B", "γ", "step", "verify per row", "verify per batch", "uniform", "v_moe"]
+    rows = [[which, str(r["batch"]), str(r["gamma"]), _f(r["experts_per_step"]), _f(r["experts_per_verify_row"]),
+             _f(r["experts_per_verify_batch"]), _f(r["experts_per_verify_uniform"]),
+             _f(r.get("verify_cost_ratio_moe"), 3)]
+            for which in ("trained", "random_routing") for r in result[which]]
+    return _table(header, rows)
+
+
 TABLES = {"decode": decode_table, "speculative": speculative_tables, "distill_step": distill_table,
-          "profile_decode": profile_table, "scale": scale_table}
+          "profile_decode": profile_table, "scale": scale_table, "moe": moe_tables, "expert_union": expert_union_tables}
 
 
 def main(argv: list[str] | None = None) -> None:
