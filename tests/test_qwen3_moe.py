@@ -22,11 +22,6 @@ def _tokens(batch, length, seed=0):
     return np.random.RandomState(seed).randint(0, VOCAB, (batch, length))
 
 
-def _load(path, impl):
-    model = convert.load_hf(path)
-    return model if impl == "auto" else _with_impl(model, impl)
-
-
 def _with_impl(model, impl):
     """The same weights, with the experts computed by `impl`."""
     from flax import nnx
@@ -39,7 +34,7 @@ def _with_impl(model, impl):
 @pytest.mark.parametrize("impl", ["ragged", "dense"])
 def test_matches_hf_logits(tiny_moe_checkpoints, case, impl):
     tokens = _tokens(3, 11, seed=1)
-    model = _load(tiny_moe_checkpoints[case], impl)
+    model = _with_impl(convert.load_hf(tiny_moe_checkpoints[case]), impl)
     assert catalog.is_moe(model.cfg) and qwen3.DENSE_MLP in model.cfg.mlp_kinds()
     ours = np.asarray(model(jnp.asarray(tokens)))
     ref = hf_logits(tiny_moe_checkpoints[case], tokens)
@@ -62,7 +57,7 @@ def test_ragged_batch_matches_hf_with_attention_mask(tiny_moe_checkpoints, impl)
     lengths = np.array([9, 4, 1, 6])
     valid = np.arange(9)[None, :] < lengths[:, None]
     tokens = np.where(valid, _tokens(4, 9, seed=3), 0)
-    ours = np.asarray(_load(path, impl)(jnp.asarray(tokens)))
+    ours = np.asarray(_with_impl(convert.load_hf(path), impl)(jnp.asarray(tokens)))
     ref = hf_logits(path, tokens, attention_mask_bt=valid.astype(np.int64))
     err = np.abs(ours - ref)[valid].max()
     print(f"parity moe ragged batch {impl}: max|dlogit|={err:.2e}")
