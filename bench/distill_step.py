@@ -1,7 +1,9 @@
 """Distillation train-step throughput: tokens/s, MFU and peak memory of `train.Distiller.step` (student
-forward + backward + AdamW, frozen teacher forward), with the chunked loss on and off.
+forward + backward + AdamW, frozen teacher forward), with the chunked loss on and off, and with the teacher
+online (in memory, a forward pass per step) or stored (its top-k per position read with the batch, no teacher).
 
     python -m bench.distill_step                                                   # CPU: small shapes
+    python -m bench.distill_step --teachers=online,64 --loss_chunks=128            # online against stored top-64
     python -m bench.distill_step --student=0.6b --teacher=1.7b --dtype=bfloat16 --seq_len=1024 --batch=8   # GPU
 
 FLOPs per token (model FLOPs, PaLM's convention): 6·N_student + 2·N_teacher for the matmul weights (N counts
@@ -29,13 +31,17 @@ import numpy as np
 from bench import common
 from distillspec_jax import sharding as shd
 from distillspec_jax import train
+from distillspec_jax.data import teacher_store
 from distillspec_jax.models import qwen3
+from distillspec_jax.sparse_teacher import TEACHER_KEYS
 
 
-def step_flops_per_token(student: qwen3.Qwen3Config, teacher: qwen3.Qwen3Config, seq_len: int) -> dict[str, float]:
+def step_flops_per_token(student: qwen3.Qwen3Config, teacher: qwen3.Qwen3Config | None,
+                         seq_len: int) -> dict[str, float]:
+    """Model FLOPs per token; teacher None: a stored teacher, whose forward pass the step does not run."""
     student_attn = 3 * common.attention_flops_per_token(student, seq_len)
-    teacher_attn = common.attention_flops_per_token(teacher, seq_len)
-    matmul = 6.0 * common.matmul_params(student) + 2.0 * common.matmul_params(teacher)
+    teacher_attn = 0.0 if teacher is None else common.attention_flops_per_token(teacher, seq_len)
+    matmul = 6.0 * common.matmul_params(student) + (0.0 if teacher is None else 2.0 * common.matmul_params(teacher))
     return {"matmul": matmul, "attention": student_attn + teacher_attn,
             "total": matmul + student_attn + teacher_attn}
 
@@ -73,31 +79,46 @@ def random_batch(batch: int, seq_len: int, cfg: qwen3.Qwen3Config, seed: int) ->
     return {"tokens": tokens, "loss_mask": loss_mask}
 
 
+def stored_teacher_arrays(teacher: qwen3.Qwen3, tokens_bt: np.ndarray, k: int, chunk: int) -> dict[str, np.ndarray]:
+    """The teacher's top-k at every position of the batch, as a stored-teacher batch carries it."""
+    top = jax.jit(teacher_store.teacher_top_k, static_argnames=("k", "temperature", "chunk"))(
+        teacher, jax.numpy.asarray(tokens_bt), k=k, temperature=1.0, chunk=chunk)
+    return dict(zip(TEACHER_KEYS, shd.to_host(top)))
+
+
 def measure(args: argparse.Namespace, loss_chunk: int, student_cfg: qwen3.Qwen3Config, teacher: qwen3.Qwen3,
-            mesh, flops_per_token: float, peak: float) -> dict[str, Any]:
-    """One configuration: compile, then the median step time over args.runs steps."""
+            mesh, flops_per_token: float, peak: float, stored_k: int = 0) -> dict[str, Any]:
+    """One configuration: compile, then the median step time over args.runs steps. stored_k > 0: the teacher's
+    top-k comes with the batch and the step holds no teacher."""
     cfg = train.TrainConfig(divergence=args.divergence, loss_chunk=loss_chunk, warmup_steps=1, remat=args.remat,
-                            steps=max(2, args.runs + 2), batch_size=args.batch, grad_clip_norm=1.0)
+                            steps=max(2, args.runs + 2), batch_size=args.batch, grad_clip_norm=1.0,
+                            stored_teacher=stored_k > 0)
     # A fresh student per configuration: the step donates the state, whose first buffers are the model's own.
-    distiller = train.Distiller(cfg, common.build_model(student_cfg, args.seed), teacher, mesh)
-    batch = distiller.global_batch(random_batch(args.batch, args.seq_len, student_cfg, args.seed))
+    distiller = train.Distiller(cfg, common.build_model(student_cfg, args.seed), None if stored_k else teacher, mesh)
+    local = random_batch(args.batch, args.seq_len, student_cfg, args.seed)
+    if stored_k:
+        local.update(stored_teacher_arrays(teacher, local["tokens"], stored_k, loss_chunk or 128))
+    batch = distiller.global_batch(local)
     state = distiller.init_state()
 
-    # The step compiled ahead of time (the same function as `distiller.step`, state donated), so that its memory
-    # analysis and its compile time come from the executable that is then timed, compiled once.
+    # The step compiled ahead of time (the distiller's own jitted step, state donated, the frozen teacher an
+    # argument so that its parameters are counted), so that its memory analysis and its compile time come from
+    # the executable that is then timed, compiled once.
     start = time.perf_counter()
-    compiled = jax.jit(distiller.step, donate_argnums=0).lower(state, batch).compile()
+    compiled = distiller._step.lower(state, distiller.frozen, batch).compile()
     compile_s = time.perf_counter() - start
     holder = {"state": state}
 
     def one_step():
-        holder["state"], metrics = compiled(holder["state"], batch)
+        holder["state"], metrics = compiled(holder["state"], distiller.frozen, batch)
         return holder["state"], metrics
 
     first_s, step_s, (_, metrics) = common.first_and_median(one_step, args.runs)
     tokens = args.batch * args.seq_len
     achieved = flops_per_token * tokens / step_s
     return {
+        "teacher": f"stored top-{stored_k}" if stored_k else "online",
+        "batch_bytes": int(sum(np.asarray(v).nbytes for v in local.values())),
         "loss_chunk": loss_chunk, "step_s": step_s, "first_call_s": first_s, "compile_s": compile_s,
         "tokens_per_s": tokens / step_s, "model_flops_per_s": achieved, "mfu": achieved / peak,
         "loss": float(metrics["loss"]), "peak_bytes_in_use": device_peak_bytes(),
@@ -120,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seq_len", type=int, default=1024, help="tokens T per sequence")
     parser.add_argument("--loss_chunks", type=common.int_list_or_zero, default=[128, 0],
                         help="loss chunk sizes to compare; 0 = unchunked")
+    parser.add_argument("--teachers", default="online",
+                        help="comma-separated: online (teacher in memory) and/or k (stored top-k, no teacher)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
     parser.add_argument("--runs", type=int, default=3, help="timed steps (the median is reported)")
     args = parser.parse_args(argv)
@@ -135,13 +158,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher = common.build_model(teacher_cfg, args.seed + 1)
     mesh = shd.make_mesh(-1, 1, 1)  # data parallel over every local device (one GPU: a single device)
     flops = step_flops_per_token(student_cfg, teacher_cfg, args.seq_len)
+    stored_flops = step_flops_per_token(student_cfg, None, args.seq_len)
     peak = common.peak_flops(args.dtype)
     total_peak = peak["peak_flops"] * jax.device_count()
 
     results = []
-    for chunk in args.loss_chunks:
-        common.log(f"loss_chunk={chunk}")
-        results.append(measure(args, chunk, student_cfg, teacher, mesh, flops["total"], total_peak))
+    for which in args.teachers.split(","):
+        stored_k = 0 if which == "online" else int(which)
+        for chunk in args.loss_chunks:
+            common.log(f"teacher={which} loss_chunk={chunk}")
+            per_token = (stored_flops if stored_k else flops)["total"]
+            results.append(measure(args, chunk, student_cfg, teacher, mesh, per_token, total_peak, stored_k))
     return {
         "benchmark": "distill_step",
         "machine": common.machine_info(),
@@ -150,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "divergence": args.divergence, "batch": args.batch, "seq_len": args.seq_len,
         "tokens_per_step": args.batch * args.seq_len, "runs": args.runs,
         "timing": "median of runs after one compiling call; block_until_ready (evaluate.median_seconds)",
-        "flops_per_token": flops, "peak": peak, "devices": jax.device_count(),
+        "flops_per_token": flops, "stored_teacher_flops_per_token": stored_flops, "peak": peak, "devices": jax.device_count(),
         "results": results,
     }
 

@@ -73,15 +73,16 @@ def speculative_tables(result: dict) -> str:
 
 
 def distill_table(result: dict) -> str:
-    header = ["loss chunk", "step s", "tokens/s", "MFU", "compile s", "compiled peak (MiB)", "temporaries (MiB)",
-              "device peak (MiB)"]
+    header = ["teacher", "loss chunk", "step s", "tokens/s", "MFU", "compile s", "compiled peak (MiB)",
+              "temporaries (MiB)", "device peak (MiB)"]
     rows = []
     for e in result["results"]:
         mem = e["compiled_memory"]
         peak = _f(mem["peak_estimate_bytes"] / 2**20, 1) if mem.get("available") else "unavailable"
         temp = _f(mem["temp_size_in_bytes"] / 2**20, 1) if mem.get("available") else "unavailable"
         device = "–" if e["peak_bytes_in_use"] is None else _f(e["peak_bytes_in_use"] / 2**20, 1)
-        rows.append([str(e["loss_chunk"]) + (" (off)" if e["loss_chunk"] == 0 else ""), _f(e["step_s"], 3),
+        rows.append([e.get("teacher", "online"), str(e["loss_chunk"]) + (" (off)" if e["loss_chunk"] == 0 else ""),
+                     _f(e["step_s"], 3),
                      _f(e["tokens_per_s"], 0), f"{100 * e['mfu']:.1f}%", _f(e["compile_s"], 1), peak, temp, device])
     return _table(header, rows)
 

@@ -68,7 +68,7 @@ def base() -> ConfigDict:
     ))
 
     c.generator = ConfigDict(dict(
-        kind="draft",  # where responses come from: fixed | target | draft (on-policy) | mix
+        kind="draft",  # fixed | target | draft (on-policy) | mix | target_logits (stored top-k) | serving (learn while serving)
         mix_lambda=0.5,  # mix: probability that an example's response is draft-generated
         mix_other="target",  # mix: where the other responses come from: target | fixed
         temperature=1.0,  # sampling temperature of generated responses (0 = greedy)
@@ -76,6 +76,18 @@ def base() -> ConfigDict:
         top_p=1.0,  # nucleus filter of generated responses; 1 = off
         max_new_tokens=256,  # budget of a generated response, tokens
         regenerate_every=1,  # draft/mix: optimizer steps between refreshes of the generating draft (on-policy lag)
+        logits_k=64,  # target_logits, serving: the target's top-k log-probabilities kept per response position, 1 <= k < V
+        logits_of="target",  # target_logits: whose responses they are stored on: target (sampled) | fixed (the dataset's)
+    ))
+
+    # data.synthetic.SyntheticQueries(**c.synthetic): Magpie-style queries the target writes itself.
+    c.synthetic = ConfigDict(dict(
+        num_prompts=0,  # training prompts written by the target (replacing the split's; evaluation stays on it); 0 = off
+        temperature=1.0,  # sampling temperature of the queries, > 0
+        top_p=1.0,  # nucleus filter of the queries; 1 = off
+        max_tokens=128,  # budget of one query, tokens
+        min_tokens=8,  # shorter queries are dropped (length filter)
+        max_rounds=8,  # sampling rounds before giving up on num_prompts distinct queries
     ))
 
     # train.TrainConfig(**c.distill, seed=c.seed): one hop; the loss's fields are objective.LossSpec's.
@@ -101,6 +113,15 @@ def base() -> ConfigDict:
         checkpoint_every=200,  # steps between Orbax checkpoints
         keep_checkpoints=2,  # checkpoints kept
         log_every=10,  # steps between metrics lines
+    ))
+
+    # data.serving.ServingSpec(**c.serving): generator 'serving', online learning while serving (OSD).
+    c.serving = ConfigDict(dict(
+        gamma=4,  # draft tokens per verify block while serving
+        temperature=0.0,  # serving's decoding temperature (0 = greedy); the loss uses distill.temperature
+        requests_per_update=64,  # K: requests served between updates (a multiple of distill.batch_size)
+        steps_per_update=4,  # optimizer steps of one update on the buffer of served requests
+        buffer_tokens=16384,  # response tokens of the newest requests kept for training; >= gamma + 1
     ))
 
     c.mesh = ConfigDict(dict(

@@ -353,7 +353,7 @@ def programs(run: Run) -> list[Program]:
 
     g = c.generator
     g_sampler = Sampler(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
-    if generators.stored_responses(g.kind, g.mix_other) == "target":
+    if generators.stored_responses(g.kind, g.mix_other, g.logits_of) == "target":
         generate("generate_target_responses", tg, ts, s.train_batch, s.generate_tokens, g_sampler, True,
                  others("data", "target"), target.cfg)
 
@@ -592,7 +592,7 @@ def run_seconds(c: ConfigDict, device_kind: str, num_devices: int, *, train_exam
     if examples is None:
         raise ValueError("config.data.num_train_examples is -1 (the whole split): pass train_examples, its size")
     g = c.generator
-    needs_target = generators.stored_responses(g.kind, g.mix_other) == "target"
+    needs_target = generators.stored_responses(g.kind, g.mix_other, g.logits_of) == "target"
     data_s = (-(-examples // s.train_batch) * _generate_seconds(target_cfg, s.train_batch, s.prompt_len,
                                                                 s.generate_tokens, mesh, hw)) if needs_target else 0.0
     step = roofline(c, device_kind, num_devices)["distill_step_s"]

@@ -127,6 +127,8 @@ def check_fields(c: ConfigDict) -> set[str]:
     _check_models(f)
     _check_data(f)
     _check_generator(f)
+    _check_synthetic(f)
+    _check_serving(f)
     _check_distill(f)
     _check_mesh_eval_tracking(f)
     _check_tiny(f)
@@ -230,10 +232,45 @@ def _check_generator(f: _Fields) -> None:
     f.number("generator.top_p", 0.0, 1.0, lo_open=True, fix_value=1.0)
     f.integer("generator.max_new_tokens", 1, fix_value=64)
     f.integer("generator.regenerate_every", 1)
+    f.integer("generator.logits_k", 1, fix_value=64)
+    logits_of = f.choice("generator.logits_of", generators.LOGITS_OF)
     task = tasks.TASKS[f("data.task")]
-    if generators.stored_responses(kind, other) == "fixed" and not task.has_responses:
+    if generators.stored_responses(kind, other, logits_of) == "fixed" and not task.has_responses:
         raise field_error("generator.kind", kind, f"a generator that makes its responses: task {task.name!r} has no "
                           "fixed responses to train on", "--config.generator.kind=draft (or target)")
+
+
+def _check_synthetic(f: _Fields) -> None:
+    from distillspec_jax.data import generators
+
+    count = f.integer("synthetic.num_prompts", 0)
+    f.number("synthetic.temperature", 0.0, lo_open=True, fix_value=1.0)
+    f.number("synthetic.top_p", 0.0, 1.0, lo_open=True, fix_value=1.0)
+    longest = f.integer("synthetic.max_tokens", 1, fix_value=128)
+    f.require("synthetic.min_tokens", lambda v: _is_int(v) and 1 <= v <= longest, f"an integer in [1, {longest}] "
+              "(synthetic.max_tokens)", "--config.synthetic.min_tokens=8")
+    f.integer("synthetic.max_rounds", 1, fix_value=8)
+    g = f.c.generator
+    if count and generators.stored_responses(g.kind, g.mix_other, g.logits_of) == "fixed":
+        raise field_error("synthetic.num_prompts", count, "0 with a generator that trains on the dataset's responses: "
+                          "target-written queries have none", "--config.generator.kind=target (or draft)")
+    if count and count < f.c.distill.batch_size:
+        raise field_error("synthetic.num_prompts", count, f"0, or at least distill.batch_size={f.c.distill.batch_size}",
+                          f"--config.synthetic.num_prompts={f.c.distill.batch_size}")
+
+
+def _check_serving(f: _Fields) -> None:
+    gamma = f.integer("serving.gamma", 1, fix_value=4)
+    f.number("serving.temperature", 0.0, fix_value=0.0)
+    batch, serving = f.c.distill.batch_size, f.c.generator.kind == "serving"
+    # A multiple of the batch only where it is used: a batch size change must not break runs that do not serve.
+    f.require("serving.requests_per_update",
+              lambda v: _is_int(v) and v >= 1 and (not serving or (_is_int(batch) and v % batch == 0)),
+              f"a positive multiple of distill.batch_size={batch}", f"--config.serving.requests_per_update={batch}")
+    f.integer("serving.steps_per_update", 1, fix_value=4)
+    f.require("serving.buffer_tokens", lambda v: _is_int(v) and v >= gamma + 1,
+              f"an integer >= one verify block (serving.gamma + 1 = {gamma + 1} tokens)",
+              "--config.serving.buffer_tokens=16384")
 
 
 def _check_distill(f: _Fields) -> None:
@@ -441,7 +478,7 @@ def load_examples(c: ConfigDict) -> tuple[list[dict], list[dict]]:
 
     d = c.data
     task = tasks.TASKS[d.task]
-    fixed = generators.stored_responses(c.generator.kind, c.generator.mix_other) == "fixed"
+    fixed = generators.stored_responses(c.generator.kind, c.generator.mix_other, c.generator.logits_of) == "fixed"
     jsonl_path = d.name if d.source == "jsonl" else None
     examples = _load(c, d.split, None if d.num_train_examples < 0 else d.num_train_examples)
     check_rows(examples, task, _where(c, d.split), d.chat, fixed, jsonl_path)

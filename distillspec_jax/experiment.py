@@ -40,7 +40,8 @@ def validate(c: ConfigDict) -> tuple[str, ...]:
     """Checks every setting that can be checked without models; returns the stages to run."""
     checks.check_fields(c)  # every field, in one message form
     # The objects built from the config check themselves too: a backstop for whatever the above misses.
-    distill_stage.train_config(c), data_stage.generator_spec(c), evaluation.eval_samplers(c)
+    distill_stage.train_config(c), distill_stage.serving_spec(c), data_stage.generator_spec(c)
+    data_stage.synthetic_spec(c), evaluation.eval_samplers(c)
     positions = checks.known_max_positions(c)  # hub ids: checked in prepare, once converted
     if positions is not None:
         checks.check_positions(c, *positions)

@@ -22,6 +22,11 @@ forward pass and in the backward pass alike.
 Roles. The models of a loss are named by role: `draft` (trained), `target` (the teacher p) and
 `reference` (the selection's frozen reference draft). `LossSpec.frozen_roles` says which frozen ones a
 loss reads; heads and hidden states travel as dicts keyed by role.
+
+Stored teacher. With `stored_teacher`, p is not a model: it is the target's top-k log-probabilities and tail
+mass stored with the batch (generator `target_logits`, `data/teacher_store.py`), and every distribution of
+the loss (the draft's, a reference's) is pooled onto the same k + 1 buckets (`sparse_teacher`, which
+documents what each divergence becomes). No target is then in memory.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distillspec_jax import sparse_teacher
 from distillspec_jax.divergences import DIVERGENCES, DivergenceFn, one_hot_logits, total_variation
 from distillspec_jax.sampling import Sampler, filtered_logits
 from distillspec_jax.selection import SELECTIONS, Selection
@@ -54,6 +60,7 @@ class LossSpec:
     selection: str = "all"  # a name in selection.SELECTIONS: all | adaspec (tokens the loss trains on)
     adaspec_fraction: float = 0.4  # adaspec: fraction k of counted tokens kept, in (0, 1]
     loss_chunk: int = 128  # sequence positions per loss chunk; 0 = the whole sequence at once (no scan)
+    stored_teacher: bool = False  # p is the batch's stored top-k (generator target_logits), not a target model
 
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:
@@ -69,15 +76,25 @@ class LossSpec:
             )
         if not 0.0 < self.adaspec_fraction <= 1.0:
             raise ValueError(f"adaspec_fraction must be in (0, 1], got {self.adaspec_fraction}")
-        if self.uses_reference and not self.uses_target:
+        if self.uses_reference and not self.uses_teacher:
             raise ValueError(f"token selection {self.selection!r} compares draft and reference against the target; "
                              f"divergence {self.divergence!r} uses no target")
+        if self.stored_teacher and not self.uses_teacher:
+            raise ValueError(f"divergence {self.divergence!r} trains on the tokens alone and reads no teacher "
+                             "distribution, so stored teacher logits (generator target_logits) would go unused; "
+                             "use generator.kind=target for cross-entropy on the target's text (black-box)")
         if self.loss_chunk < 0:
             raise ValueError(f"loss_chunk must be >= 0 (0 = unchunked), got {self.loss_chunk}")
 
     @property
-    def uses_target(self) -> bool:
+    def uses_teacher(self) -> bool:
+        """Whether the divergence reads the target's distribution p (from a model, or stored)."""
         return DIVERGENCES[self.divergence].uses_target
+
+    @property
+    def uses_target(self) -> bool:
+        """Whether the loss needs the target model in memory (not when p is stored with the batch)."""
+        return self.uses_teacher and not self.stored_teacher
 
     @property
     def token_selection(self) -> Selection:
@@ -178,25 +195,33 @@ class TokenValues(NamedTuple):
 
 
 def _chunk_values(spec: LossSpec, real_vocab_size: int, heads: dict[str, Head], h_bcd: dict[str, jax.Array],
-                  labels_bc: jax.Array) -> tuple[jax.Array, ...]:
+                  labels_bc: jax.Array, teacher_bc: dict[str, jax.Array] | None) -> tuple[jax.Array, ...]:
     """Values [B, C] of one chunk: (divergence, tvd[, score])."""
     sampler = Sampler(temperature=spec.temperature)
 
-    def frozen_logits(role: str) -> jax.Array:  # the frozen models' logits are constants of the draft's loss
-        return jax.lax.stop_gradient(filtered_logits(heads[role](h_bcd[role]), sampler, real_vocab_size))
+    def logits(role: str) -> jax.Array:  # the frozen models' logits are constants of the draft's loss
+        out = filtered_logits(heads[role](h_bcd[role]), sampler, real_vocab_size)
+        return out if role == DRAFT else jax.lax.stop_gradient(out)
 
-    q_bcv = filtered_logits(heads[DRAFT](h_bcd[DRAFT]), sampler, real_vocab_size)
-    p_bcv = frozen_logits(TARGET) if spec.uses_target else one_hot_logits(labels_bc, q_bcv.shape[-1])
+    if spec.stored_teacher:  # p and every model's q on the stored teacher's k + 1 buckets
+        teacher = sparse_teacher.TopK(*(teacher_bc[key] for key in sparse_teacher.TEACHER_KEYS))
+        p_bcv = sparse_teacher.teacher_buckets(teacher)
+        distribution = lambda role: sparse_teacher.pooled_buckets(logits(role), teacher.ids)  # noqa: E731
+    else:
+        distribution = logits
+    q_bcv = distribution(DRAFT)
+    if not spec.stored_teacher:
+        p_bcv = distribution(TARGET) if spec.uses_target else one_hot_logits(labels_bc, q_bcv.shape[-1])
     divergence_bc = spec.divergence_fn()(p_bcv, q_bcv)
     q_const_bcv = jax.lax.stop_gradient(q_bcv)
     tvd_bc = total_variation(p_bcv, q_const_bcv)  # the acceptance metric 1 − TVD: never a gradient
     if not spec.uses_reference:
         return divergence_bc, tvd_bc
-    return divergence_bc, tvd_bc, spec.token_selection.score(p_bcv, q_const_bcv, frozen_logits(REFERENCE))
+    return divergence_bc, tvd_bc, spec.token_selection.score(p_bcv, q_const_bcv, distribution(REFERENCE))
 
 
 def token_values(spec: LossSpec, real_vocab_size: int, heads: dict[str, Head], hidden_btd: dict[str, jax.Array],
-                 labels_bt: jax.Array) -> TokenValues:
+                 labels_bt: jax.Array, teacher_bt: dict[str, jax.Array] | None = None) -> TokenValues:
     """Per-position divergence, TVD and selection score, [B, T] each, from the models' hidden states.
 
     heads and hidden_btd are keyed by role (`draft` and `spec.frozen_roles`). Heads map hidden states
@@ -204,18 +229,23 @@ def token_values(spec: LossSpec, real_vocab_size: int, heads: dict[str, Head], h
     spec.loss_chunk = C > 0 (and C < T) the sequence is processed in ceil(T / C) chunks by a scan whose body
     is rematerialised: in the backward pass each chunk's logits are recomputed from [B, C, D] hidden
     states instead of being kept from the forward pass. Widths D may differ per model; only V must agree.
+    teacher_bt: with spec.stored_teacher, the stored teacher (`sparse_teacher.TEACHER_KEYS`: ids and
+    log-probabilities [B, T, k], tail [B, T]) in place of a target model.
     """
     roles = (DRAFT, *spec.frozen_roles)
     missing = [role for role in roles if role not in heads or role not in hidden_btd]
     if missing:
         raise ValueError(f"divergence {spec.divergence!r} with selection {spec.selection!r} needs the heads and "
                          f"hidden states of {list(roles)}; missing {missing}")
+    if spec.stored_teacher and (teacher_bt is None or any(k not in teacher_bt for k in sparse_teacher.TEACHER_KEYS)):
+        raise ValueError(f"a loss on the stored teacher needs {list(sparse_teacher.TEACHER_KEYS)} with the batch")
+    teacher_bt = {k: teacher_bt[k] for k in sparse_teacher.TEACHER_KEYS} if spec.stored_teacher else None
     inputs = {role: hidden_btd[role] if role == DRAFT else jax.lax.stop_gradient(hidden_btd[role]) for role in roles}
 
-    def values(carry: None, xs: tuple[dict[str, jax.Array], jax.Array]) -> tuple[None, tuple[jax.Array, ...]]:
+    def values(carry: None, xs) -> tuple[None, tuple[jax.Array, ...]]:
         return carry, _chunk_values(spec, real_vocab_size, heads, *xs)
 
-    _, out = scan_positions(values, None, (inputs, labels_bt), spec.loss_chunk, remat=True)
+    _, out = scan_positions(values, None, (inputs, labels_bt, teacher_bt), spec.loss_chunk, remat=True)
     return TokenValues(divergence=out[0], tvd=out[1], score=out[2] if spec.uses_reference else None)
 
 
@@ -285,12 +315,16 @@ def loss_from_logits(
     real_vocab_size: int,
     labels_bt: jax.Array | None = None,
     reference_logits_btv: jax.Array | None = None,
+    teacher_bt: dict[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(loss, metrics) straight from logits [B, T, V] (small shapes and tests; models use `token_values`
-    with their heads so that full logits are never materialised)."""
+    with their heads so that full logits are never materialised). With spec.stored_teacher, p comes from
+    teacher_bt (`sparse_teacher.TEACHER_KEYS`) and p_logits_btv is not read."""
     if labels_bt is None:
         labels_bt = jnp.zeros(q_logits_btv.shape[:2], jnp.int32)
-    logits = {DRAFT: q_logits_btv, TARGET: p_logits_btv, REFERENCE: reference_logits_btv}
+    logits = {DRAFT: q_logits_btv, TARGET: p_logits_btv if spec.uses_target else None,
+              REFERENCE: reference_logits_btv}
     hidden = {role: x for role, x in logits.items() if x is not None}
-    values = token_values(spec, real_vocab_size, {role: _identity_head for role in hidden}, hidden, labels_bt)
+    values = token_values(spec, real_vocab_size, {role: _identity_head for role in hidden}, hidden, labels_bt,
+                          teacher_bt)
     return reduce_loss(spec, values, loss_mask_bt)

@@ -22,6 +22,12 @@ same prefix) is harmless, and after a full accept prev = x_γ is exactly the mis
 no token before `last` (a one-token prompt, first block) feeds [last, last] from slot 0 and reads the
 logits of index 0; the second copy lies beyond the length and is overwritten by x_1.
 
+Kept teacher (online learning while serving). With keep_top_k = k > 0 the loop also returns, for every emitted
+token, the target's top-k log-probabilities and tail at the position that generated it (`sparse_teacher.TopK`,
+at `teacher_temperature`): the distributions the verify call already computed, so keeping them costs one top-k per
+block and no extra model call. Index i of a block's target logits generates candidate i (x_{i+1}, or y at the end),
+so the kept rows are written beside the emitted tokens, in the same slots.
+
 Statistics (per row, so callers can aggregate over rows and batches; design §5 definitions):
   target_calls: blocks in which the row was active; τ = Σ emitted / Σ target_calls.
   accepted / proposed: draft tokens accepted by verification (the leading accepts, n per block, even if
@@ -42,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from distillspec_jax import checks, decoding
+from distillspec_jax import checks, decoding, sparse_teacher
 from distillspec_jax import sampling
 from distillspec_jax.data import pipeline
 from distillspec_jax.models import qwen3
@@ -107,13 +113,15 @@ class SpeculativeStats(NamedTuple):
 
 class SpeculativeOutput(NamedTuple):
     """tokens: [B, R] int32 (pad_id after the end); lengths: [B] int32; stats: per-row counters;
-    sequences / response_mask: [B, T + R] as in `generate.GenerationOutput` when requested, else None."""
+    sequences / response_mask: [B, T + R] as in `generate.GenerationOutput` when requested, else None;
+    teacher: with keep_top_k, the target's TopK ([B, R, k], [B, R]) that generated each emitted token, else None."""
 
     tokens: jax.Array
     lengths: jax.Array
     stats: SpeculativeStats
     sequences: jax.Array | None = None
     response_mask: jax.Array | None = None
+    teacher: sparse_teacher.TopK | None = None
 
 
 class _BlockCarry(NamedTuple):
@@ -125,6 +133,7 @@ class _BlockCarry(NamedTuple):
     last_b: jax.Array  # newest token, not yet in either cache
     prev_b: jax.Array  # the token before last_b (meaningful when committed_b >= 1)
     tokens_br: jax.Array  # [B, R + γ + 1] output buffer; the slack absorbs a whole block's write at any start
+    teacher_br: sparse_teacher.TopK | None  # keep_top_k: the target's top-k beside each token, [B, R + γ + 1, ...]
     done_b: jax.Array  # bool: the row emitted EOS or reached its budget
     block: jax.Array  # [] int32, iterations so far (keys each block's randomness)
     stats: SpeculativeStats
@@ -202,11 +211,12 @@ def _verify(logits_bpv: jax.Array, x_bp: jax.Array, q_bpv: jax.Array | None, rng
     jax.jit,
     static_argnums=(0, 1),
     static_argnames=("gamma", "max_new_tokens", "sampler", "eos_ids", "pad_id", "cache_len", "return_sequences",
-                     "acceptance"),
+                     "acceptance", "keep_top_k", "teacher_temperature"),
 )
 def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state, prompts_bt, prompt_lens_b, rng, *,
                      gamma: int, max_new_tokens: int, sampler: Sampler, eos_ids: tuple[int, ...], pad_id: int,
-                     cache_len: int, return_sequences: bool, acceptance: str) -> SpeculativeOutput:
+                     cache_len: int, return_sequences: bool, acceptance: str, keep_top_k: int,
+                     teacher_temperature: float) -> SpeculativeOutput:
     target = nnx.merge(target_graphdef, target_state)
     draft = nnx.merge(draft_graphdef, draft_state)
     real_v = target.cfg.real_vocab_size
@@ -238,8 +248,13 @@ def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state,
         block_out_bp = jnp.where(i_1p < count_b[:, None], candidates_bp, pad_id)
         # Everything at and beyond a row's emitted count is pad, so writing the whole padded block is safe;
         # the buffer's γ + 1 slack keeps the start unclamped even for finished rows (emitted = R).
-        tokens_br = jax.vmap(lambda row, new, start: jax.lax.dynamic_update_slice_in_dim(row, new, start, axis=0))(
-            c.tokens_br, block_out_bp, emitted_b)
+        write = jax.vmap(lambda row, new, start: jax.lax.dynamic_update_slice_in_dim(row, new, start, axis=0))
+        tokens_br = write(c.tokens_br, block_out_bp, emitted_b)
+        teacher_br = None
+        if keep_top_k:  # what generated each candidate; slots past the emitted count are overwritten later
+            teacher_logits_bpv = sampling.filtered_logits(logits_bpv, Sampler(temperature=teacher_temperature), real_v)
+            kept_bp = sparse_teacher.top_k(teacher_logits_bpv, keep_top_k)
+            teacher_br = jax.tree.map(lambda buf, new: write(buf, new, emitted_b), c.teacher_br, kept_bp)
 
         new_emitted_b = emitted_b + count_b
         hit_eos_b = jnp.any(eos_bp & (i_1p < count_b[:, None]), axis=1)
@@ -268,19 +283,27 @@ def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state,
             last_b=y_b,
             prev_b=prev_b,
             tokens_br=tokens_br,
+            teacher_br=teacher_br,
             done_b=done_b,
             block=c.block + 1,
             stats=stats,
         )
 
     zeros_b = jnp.zeros((batch,), jnp.int32)
+    slots = max_new_tokens + gamma + 1
+    teacher_br = None
+    if keep_top_k:
+        teacher_br = sparse_teacher.TopK(jnp.zeros((batch, slots, keep_top_k), jnp.int32),
+                                         jnp.zeros((batch, slots, keep_top_k), jnp.float32),
+                                         jnp.zeros((batch, slots), jnp.float32))
     init = _BlockCarry(
         target_cache=target_cache,
         draft_cache=draft_cache,
         committed_b=prompt_lens_b - 1,
         last_b=last_b,
         prev_b=prev_b,
-        tokens_br=jnp.full((batch, max_new_tokens + gamma + 1), pad_id, jnp.int32),
+        tokens_br=jnp.full((batch, slots), pad_id, jnp.int32),
+        teacher_br=teacher_br,
         done_b=jnp.zeros((batch,), bool),
         block=jnp.zeros((), jnp.int32),
         stats=SpeculativeStats(zeros_b, zeros_b, zeros_b, zeros_b, zeros_b, jnp.zeros((batch, gamma), jnp.int32),
@@ -290,10 +313,11 @@ def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state,
     out = jax.lax.while_loop(lambda c: ~jnp.all(c.done_b), body, init)
     tokens_br = out.tokens_br[:, :max_new_tokens]
     lengths_b = out.stats.emitted
+    teacher = None if out.teacher_br is None else jax.tree.map(lambda x: x[:, :max_new_tokens], out.teacher_br)
     if not return_sequences:
-        return SpeculativeOutput(tokens_br, lengths_b, out.stats)
+        return SpeculativeOutput(tokens_br, lengths_b, out.stats, teacher=teacher)
     sequences_bs, response_mask_bs = pipeline.pack_sequences(prompts_bt, prompt_lens_b, tokens_br, lengths_b, pad_id)
-    return SpeculativeOutput(tokens_br, lengths_b, out.stats, sequences_bs, response_mask_bs)
+    return SpeculativeOutput(tokens_br, lengths_b, out.stats, sequences_bs, response_mask_bs, teacher)
 
 
 def check_pair(target: qwen3.Qwen3, draft: qwen3.Qwen3) -> None:
@@ -316,6 +340,8 @@ def speculative_generate(
     cache_len: int | None = None,
     return_sequences: bool = False,
     acceptance: str = "lossless",
+    keep_top_k: int = 0,
+    teacher_temperature: float = 1.0,
 ) -> SpeculativeOutput:
     """Samples up to `max_new_tokens` tokens per prompt from the target, proposing γ at a time with the draft.
 
@@ -323,6 +349,8 @@ def speculative_generate(
     The output has the target's distribution (exactly its greedy output at temperature 0).
     cache_len: KV slots of both caches (default: `decoding.required_cache_len`).
     acceptance: a name in ACCEPTANCE_RULES; "lossless" (the default) is the rule above.
+    keep_top_k: k > 0 also returns the target's top-k beside each emitted token, at teacher_temperature (the
+    loss's), for online learning while serving; 0 keeps nothing.
     Everything is validated on the host before tracing.
     """
     if not isinstance(gamma, (int, np.integer)) or isinstance(gamma, bool) or gamma < 1:
@@ -331,6 +359,9 @@ def speculative_generate(
         raise ValueError(f"acceptance must be one of {sorted(ACCEPTANCE_RULES)}, got {acceptance!r}")
     decoding.check_sampler(sampler)
     check_pair(target, draft)
+    if not 0 <= keep_top_k <= target.cfg.real_vocab_size or not teacher_temperature > 0:
+        raise ValueError(f"keep_top_k must be in [0, {target.cfg.real_vocab_size}] and teacher_temperature > 0; got "
+                         f"{keep_top_k}, {teacher_temperature}")
     _, prompt_len = decoding.check_prompts(target.cfg, prompts_bt, prompt_lens_b, max_new_tokens)
     eos = decoding.normalize_eos_ids(eos_ids, target.cfg.vocab_size)
     required = decoding.required_cache_len(prompt_len, max_new_tokens, gamma)
@@ -345,6 +376,7 @@ def speculative_generate(
         jnp.asarray(prompts_bt, jnp.int32), jnp.asarray(prompt_lens_b, jnp.int32), rng,
         gamma=int(gamma), max_new_tokens=int(max_new_tokens), sampler=sampler, eos_ids=eos, pad_id=int(pad_id),
         cache_len=cache_len, return_sequences=bool(return_sequences), acceptance=acceptance,
+        keep_top_k=int(keep_top_k), teacher_temperature=float(teacher_temperature),
     )
 
 

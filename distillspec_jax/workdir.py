@@ -46,7 +46,7 @@ RERUNNABLE_FIELDS = ("stages", "overwrite", "distributed", "tracking", "plots", 
                      "eval.timing_repeats", "eval.timing_steps", "tiny.cache_dir", "resume_with_changes")
 # What `resume_with_changes` cannot let through: the workdir's models, tokens and data were made with them,
 # so a changed value would not apply to what is already there, only mix two experiments.
-RESUME_FIXED_FIELDS = ("seed", "target", "draft", "tokenizer", "tiny", "data")
+RESUME_FIXED_FIELDS = ("seed", "target", "draft", "tokenizer", "tiny", "data", "synthetic")
 # Key names whose values never reach a file: the W&B key would otherwise be one override away. A name
 # is secret when it is, or ends in "_" plus, one of these (hf_token, wandb_api_key), so that fields such as
 # max_new_tokens or tokenizer keep their values and stay visible to the config guard.

@@ -87,11 +87,19 @@ def test_speculative_bench_reports_costs_per_gamma():
 
 def test_distill_step_bench_reports_mfu_and_memory():
     result = run_bench("distill_step", "--student=tiny-draft", "--teacher=tiny", "--batch=2", "--seq_len=16",
-                       "--loss_chunks=8,0", "--runs=1")
+                       "--loss_chunks=8,0", "--runs=1", "--teachers=online,16")
     assert result["benchmark"] == "distill_step"
     assert_machine(result)
     assert_positive(result["flops_per_token"], "matmul", "attention", "total")
-    assert [r["loss_chunk"] for r in result["results"]] == [8, 0]
+    assert result["stored_teacher_flops_per_token"]["total"] < result["flops_per_token"]["total"]
+    assert [(r["teacher"], r["loss_chunk"]) for r in result["results"]] == [
+        ("online", 8), ("online", 0), ("stored top-16", 8), ("stored top-16", 0)]
+    online, stored = result["results"][0], result["results"][2]
+    assert stored["batch_bytes"] > online["batch_bytes"]  # the stored teacher travels with the batch
+    if online["compiled_memory"]["available"]:  # ... and the teacher's float32 parameters no longer do
+        teacher_bytes = 4 * result["teacher"]["params"]
+        assert (stored["compiled_memory"]["argument_size_in_bytes"] - online["compiled_memory"]["argument_size_in_bytes"]
+                == stored["batch_bytes"] - online["batch_bytes"] - teacher_bytes)
     for entry in result["results"]:
         assert_positive(entry, "step_s", "tokens_per_s", "mfu", "compile_s", "loss")
         memory = entry["compiled_memory"]

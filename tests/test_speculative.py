@@ -481,3 +481,25 @@ def test_spec_sampling_is_lossless_with_moe_target(case):
           f"(α={summary['acceptance_rate']:.3f}, n={NUM_SAMPLES})")
     assert 0.05 < summary["acceptance_rate"] < 0.95 or variant == "accept_always"
     assert pvalue > PASS_LEVEL if variant is None else pvalue < POWER_LEVEL
+
+
+@pytest.mark.parametrize("sampler", [GREEDY, Sampler(temperature=1.0)], ids=["greedy", "t1"])
+def test_kept_teacher_is_the_targets_top_k_at_each_emitted_token(target, drafts, sampler):
+    """keep_top_k returns, beside every emitted token, the target's top-k and tail at the position that generated
+    it: the same as a full forward of the target over the final sequence (online learning while serving)."""
+    from distillspec_jax import sparse_teacher
+
+    k, temperature, gamma = 5, 0.8, 3
+    out = spec.speculative_generate(target, drafts["near"], PROMPTS, PROMPT_LENS, gamma, BUDGET, sampler,
+                                    jax.random.key(4), keep_top_k=k, teacher_temperature=temperature,
+                                    return_sequences=True)
+    plain = spec.speculative_generate(target, drafts["near"], PROMPTS, PROMPT_LENS, gamma, BUDGET, sampler,
+                                      jax.random.key(4))
+    np.testing.assert_array_equal(_np(out.tokens), _np(plain.tokens))  # keeping changes nothing that is served
+    logits = sampling.filtered_logits(target(out.sequences), Sampler(temperature=temperature), VOCAB)
+    full = sparse_teacher.top_k(logits, k)
+    for b, (start, n) in enumerate(zip(PROMPT_LENS, _np(out.lengths))):
+        rows = slice(start - 1, start - 1 + n)  # position t generates token t + 1
+        np.testing.assert_array_equal(_np(out.teacher.ids)[b, :n], _np(full.ids)[b, rows])
+        np.testing.assert_allclose(_np(out.teacher.logprobs)[b, :n], _np(full.logprobs)[b, rows], atol=2e-5)
+        np.testing.assert_allclose(_np(out.teacher.tail)[b, :n], _np(full.tail)[b, rows], atol=2e-5)

@@ -266,17 +266,21 @@ def test_bfloat16_target_runs_close_to_float32():
 @pytest.mark.parametrize("preset", ["", "0.6b-1.7b", "1.7b-32b", "tiny", "study", "test"])
 def test_config_distill_is_train_config_in_one_hop(config_file, preset):
     """config.distill's fields are TrainConfig's (the loss's among them, declared once in LossSpec), with the
-    same names and nothing left over: the distill stage builds it as TrainConfig(**c.distill, seed=c.seed)."""
+    same names and nothing left over: the distill stage builds it as TrainConfig(**c.distill, seed=c.seed,
+    stored_teacher=...), the last from config.generator (a generator that stores the teacher's logits)."""
     import importlib
 
     from distillspec_jax.stages import distill as distill_stage
 
     c = importlib.import_module(f"configs.{config_file}").get_config(preset)
     fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
-    assert set(c.distill.keys()) == fields - {"seed"}
+    assert set(c.distill.keys()) == fields - {"seed", "stored_teacher"}
     cfg = distill_stage.train_config(c)
     assert all(getattr(cfg, k) == c.distill[k] for k in c.distill.keys()) and cfg.seed == c.seed
     assert cfg.uses_reference == (config_file == "adaspec")
+    assert not cfg.stored_teacher
+    c.generator.kind = "target_logits"
+    assert distill_stage.train_config(c).stored_teacher and not distill_stage.train_config(c).uses_target
 
 
 def test_the_reference_run_of_adaspec_is_fkl_on_every_token():

@@ -1,9 +1,14 @@
-"""DistillSpec's four data generators (design §4), registered in GENERATORS, as batch sources of the loop.
+"""DistillSpec's four data generators and the stored teacher (design §4), registered in GENERATORS, as batch
+sources of the loop.
 
-    fixed   y from the dataset
-    target  y ~ p(·|x), sampled once by the target before training (`generate_responses`, the data stage)
-    draft   y ~ q(·|x), on-policy: sampled by the current draft, refreshed every `regenerate_every` steps
-    mix     per example, with probability λ a draft-generated y, otherwise a target-generated (or fixed) y
+    fixed          y from the dataset
+    target         y ~ p(·|x), sampled once by the target before training (`generate_responses`, the data stage)
+    draft          y ~ q(·|x), on-policy: sampled by the current draft, refreshed every `regenerate_every` steps
+    mix            per example, with probability λ a draft-generated y, otherwise a target-generated (or fixed) y
+    target_logits  y from the target (or fixed), with the target's top-k log-probabilities at every response
+                   position stored once by the data stage (`teacher_store`): training loads no target
+    serving        online learning while serving: the training prompts are served by speculative decoding with
+                   the current draft, and the draft learns from the verify calls' distributions (`serving`)
 
 A source is `data_source.BatchSource`: `(position, context) -> Iterator[batch]`, each batch this host's rows
 of global batch `position`: `tokens` [b, L] and `loss_mask` [b, L] (the positions whose next token is a
@@ -34,7 +39,9 @@ from distillspec_jax.progress import Progress
 from distillspec_jax.sampling import Sampler
 
 MIX_OTHERS = ("target", "fixed")
+LOGITS_OF = ("target", "fixed")  # whose responses target_logits stores the teacher's top-k on
 _MIX_OTHER = "mix_other"  # a generator's stored responses named by the config's generator.mix_other
+_LOGITS_OF = "logits_of"  # ... named by generator.logits_of
 _MIX_STREAM = 0x6D6978  # separates the mix coin's random stream from data order ("mix")
 
 
@@ -44,6 +51,17 @@ class Generator:
 
     stored: str  # the responses kept with the examples: fixed (the dataset's) | target (sampled before) | ''
     on_policy: bool  # the current draft samples responses during training (all rows, or the mix's share)
+    teacher: str = "model"  # where the loss's p comes from: model (the target at every step) | store | serving
+
+    @property
+    def stores_logits(self) -> bool:
+        """The data stage stores the target's top-k per position; training needs no target."""
+        return self.teacher == "store"
+
+    @property
+    def stored_teacher(self) -> bool:
+        """The loss reads p from the batch (stored or served top-k), not from a target model."""
+        return self.teacher != "model"
 
     @property
     def mixes(self) -> bool:
@@ -56,13 +74,16 @@ GENERATORS: dict[str, Generator] = {
     "target": Generator(stored="target", on_policy=False),
     "draft": Generator(stored="", on_policy=True),
     "mix": Generator(stored=_MIX_OTHER, on_policy=True),
+    "target_logits": Generator(stored=_LOGITS_OF, on_policy=False, teacher="store"),
+    "serving": Generator(stored="", on_policy=False, teacher="serving"),
 }
+DISTILLSPEC_GENERATORS = ("fixed", "target", "draft", "mix")  # the paper's four
 
 
-def stored_responses(kind: str, mix_other: str) -> str:
+def stored_responses(kind: str, mix_other: str, logits_of: str = "target") -> str:
     """The stored responses generator `kind` trains on: 'fixed', 'target' (sampled by the data stage), or ''."""
     stored = GENERATORS[kind].stored
-    return mix_other if stored == _MIX_OTHER else stored
+    return {_MIX_OTHER: mix_other, _LOGITS_OF: logits_of}.get(stored, stored)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +98,8 @@ class GeneratorSpec:
     mix_lambda: float = 0.5  # mix: probability of a draft-generated response
     mix_other: str = "target"  # mix: where the other responses come from
     regenerate_every: int = 1  # steps between refreshes of the generating draft's parameters
+    logits_k: int = 64  # target_logits: teacher ids stored per position (their log-probabilities, and the tail)
+    logits_of: str = "target"  # target_logits: whose responses: target (sampled) | fixed (the dataset's)
 
     def __post_init__(self):
         if self.kind not in GENERATORS:
@@ -88,6 +111,10 @@ class GeneratorSpec:
             raise ValueError(f"generator.mix_other must be one of {MIX_OTHERS}, got {self.mix_other!r}")
         if self.max_new_tokens < 1 or self.regenerate_every < 1:
             raise ValueError("generator.max_new_tokens and generator.regenerate_every must be >= 1")
+        if self.logits_k < 1:
+            raise ValueError(f"generator.logits_k must be >= 1 (teacher ids stored per position), got {self.logits_k}")
+        if self.logits_of not in LOGITS_OF:
+            raise ValueError(f"generator.logits_of must be one of {LOGITS_OF}, got {self.logits_of!r}")
 
     @property
     def generator(self) -> Generator:
@@ -95,7 +122,7 @@ class GeneratorSpec:
 
     @property
     def stored_responses(self) -> str:
-        return stored_responses(self.kind, self.mix_other)
+        return stored_responses(self.kind, self.mix_other, self.logits_of)
 
     @property
     def needs_target_responses(self) -> bool:
@@ -147,14 +174,18 @@ def generate_responses(model: qwen3.Qwen3, prompts: Sequence[np.ndarray], genera
     return responses
 
 
+def batch_length(prompt_len: int, generation: GeneratorSpec, responses: Sequence[np.ndarray | None]) -> int:
+    """The static length L of every training batch: the padded prompt length plus the response budget, or the
+    longest stored response when that is longer."""
+    longest = max((len(r) for r in responses if r is not None), default=0)
+    return prompt_len + max(generation.max_new_tokens, longest)
+
+
 def make_source(generation: GeneratorSpec, batcher: pipeline.Batcher, prompt_len: int,
                 seed: int) -> data_source.BatchSource:
     """The training batch source of `generation.kind` over `batcher`'s examples (whose responses are the fixed,
     or the target-generated, ones). prompt_len: the static padded prompt length of generation."""
-    response_len = generation.max_new_tokens
-    if batcher.items and any(it.response is not None for it in batcher.items):
-        response_len = max(response_len, max(len(it.response) for it in batcher.items if it.response is not None))
-    length = prompt_len + response_len  # static L of every batch
+    length = batch_length(prompt_len, generation, [it.response for it in batcher.items])
 
     def offline(position: int) -> dict[str, np.ndarray]:
         packed = batcher.sequences(position, length=length)

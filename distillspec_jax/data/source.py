@@ -10,8 +10,9 @@ the draft it sees is up to date; it must use the parameters at once and not keep
 donates their buffers).
 
 A batch is a dict of [B, T] arrays: `tokens` (int32, prompt + response, right padded) and `loss_mask`
-(1 where position t's next-token distribution, the one generating token t + 1, is trained). Extra keys
-are ignored by the train step.
+(1 where position t's next-token distribution, the one generating token t + 1, is trained). A source of
+stored teacher outputs adds `teacher_ids` and `teacher_logprobs` [B, T, k] and `teacher_tail` [B, T]
+(`sparse_teacher`). Other keys are ignored by the train step.
 """
 
 from __future__ import annotations
@@ -24,9 +25,19 @@ import jax
 from jax.sharding import Mesh
 
 from distillspec_jax.models import qwen3
+from distillspec_jax.sparse_teacher import TEACHER_KEYS
 
-BATCH_KEYS = ("tokens", "loss_mask")  # what the train step reads of a batch
+BATCH_KEYS = ("tokens", "loss_mask")  # what the train step reads of every batch
 Batch = dict[str, Any]
+
+
+def batch_ranks(stored_teacher: bool) -> dict[str, int]:
+    """The arrays the train step reads of a batch, with their ranks: [B, T] each, and with a stored teacher
+    its [B, T, k] ids and log-probabilities and [B, T] tail."""
+    ranks = dict.fromkeys(BATCH_KEYS, 2)
+    if stored_teacher:
+        ranks.update(zip(TEACHER_KEYS, (3, 3, 2)))
+    return ranks
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from distillspec_jax.data import serving
 from distillspec_jax.stages import data, distill, evaluation, prepare, report
 from distillspec_jax.stages.state import RunState
 
@@ -42,6 +43,7 @@ BY_NAME = {s.name: s for s in STAGES}
 OUTPUTS = {s.name: s.output for s in STAGES if s.output is not None}
 # The workdir's top-level names the stages write (overwrite=True deletes these and nothing else).
 WRITTEN = (prepare.MODELS_DIR, data.DATA_DIR, distill.DISTILLED_DIR, distill.REFERENCE_DIR, report.OUTPUT,
-           evaluation.OUTPUTS["eval_before"], evaluation.OUTPUTS["eval_after"], evaluation.EXPERT_UNION)
+           evaluation.OUTPUTS["eval_before"], evaluation.OUTPUTS["eval_after"], evaluation.EXPERT_UNION,
+           serving.LOG_FILE)
 
 __all__ = ["STAGES", "NAMES", "BY_NAME", "OUTPUTS", "WRITTEN", "RunState", "Stage"]

@@ -1,7 +1,8 @@
 """Stage `distill`: trains the draft on the target's distributions (resumable), then saves it as Orbax and
 as HF safetensors.
 
-Owns config.distill (with AdaSPEC's reference run). Writes `checkpoints/` while training, `reference/` for
+Owns config.distill (with AdaSPEC's reference run) and config.serving (generator `serving`: online learning while
+serving; its per-update figures go to `serving.jsonl`). Writes `checkpoints/` while training, `reference/` for
 AdaSPEC's reference draft, and `distilled/` (`orbax/`, `hf/` and last `summary.json`, which marks the
 stage done).
 """
@@ -15,11 +16,11 @@ from ml_collections import ConfigDict
 
 from distillspec_jax import checkpoint, train
 from distillspec_jax import workdir as wd
-from distillspec_jax.data import generators, pipeline
+from distillspec_jax.data import generators, pipeline, serving, teacher_store
 from distillspec_jax.data import source as data_source
 from distillspec_jax.errors import Preempted
 from distillspec_jax.models import convert, qwen3
-from distillspec_jax.stages.data import generator_spec, training_items
+from distillspec_jax.stages.data import DATA_DIR, check_logits_k, generator_spec, training_items
 from distillspec_jax.stages.prepare import Models, load_draft
 
 DISTILLED_DIR, REFERENCE_DIR = "distilled", "reference"
@@ -27,16 +28,38 @@ OUTPUT = f"{DISTILLED_DIR}/summary.json"
 
 
 def train_config(c: ConfigDict) -> train.TrainConfig:
-    """The distillation loop's settings: config.distill in one hop (validated by TrainConfig)."""
-    return train.TrainConfig(**c.distill, seed=c.seed)
+    """The distillation loop's settings: config.distill in one hop (validated by TrainConfig); the teacher is
+    stored when the generator stores it."""
+    return train.TrainConfig(**c.distill, seed=c.seed,
+                             stored_teacher=generators.GENERATORS[c.generator.kind].stored_teacher)
+
+
+def serving_spec(c: ConfigDict) -> serving.ServingSpec:
+    """config.serving in one hop."""
+    return serving.ServingSpec(**c.serving)
 
 
 def _batch_source(c: ConfigDict, workdir: str, models: Models,
                   generation: generators.GeneratorSpec) -> data_source.BatchSource:
+    if generation.generator.stores_logits:
+        directory = wd.path(workdir, DATA_DIR, teacher_store.STORE_DIR)
+        teacher_store.check_compatible(
+            teacher_store.read_meta(directory), directory, k=generation.logits_k,
+            real_vocab_size=models.draft.cfg.real_vocab_size,
+            tokenizer=teacher_store.tokenizer_fingerprint(models.tokenizer), temperature=float(c.distill.temperature),
+            hosts=jax.process_count())
+        return teacher_store.make_source(directory, c.distill.batch_size, c.seed, models.pad_id, jax.process_index(),
+                                         jax.process_count())
     items = training_items(c, workdir, generation)
     batcher = pipeline.Batcher(items, c.distill.batch_size, c.seed, models.pad_id, c.data.pad_multiple, c.data.bucket,
                                host_index=jax.process_index(), host_count=jax.process_count())
     prompt_len = pipeline.round_up(max(len(it.prompt) for it in items), c.data.pad_multiple)
+    if generation.generator.teacher == "serving":
+        check_logits_k(generation.logits_k, models.target_cfg.real_vocab_size)
+        return serving.make_source(serving_spec(c), models.target, batcher, prompt_len,
+                                   max_new_tokens=generation.max_new_tokens, eos_ids=models.eos_ids,
+                                   pad_id=models.pad_id, logits_k=generation.logits_k,
+                                   loss_temperature=float(c.distill.temperature), seed=c.seed, log_dir=str(workdir))
     return generators.make_source(generation, batcher, prompt_len, c.seed)
 
 
@@ -52,7 +75,8 @@ def distill(c: ConfigDict, workdir: str, models: Models, mesh) -> bool:
     if cfg.uses_reference:
         # The selection's reference (AdaSPEC): the same initial draft distilled with FKL on the same data, frozen.
         ref_cfg = cfg.reference_config()
-        ref_distiller = train.Distiller(ref_cfg, load_draft(c, models.draft_dir, mesh), models.target, mesh)
+        ref_distiller = train.Distiller(ref_cfg, load_draft(c, models.draft_dir, mesh),
+                                        models.target if ref_cfg.uses_target else None, mesh)
         print(f"[distill] {cfg.token_selection.title} reference draft: {ref_cfg.divergence.upper()} for "
               f"{ref_cfg.steps} steps", flush=True)
         ref = train.run(ref_distiller, source, wd.path(workdir, REFERENCE_DIR), stage="reference",

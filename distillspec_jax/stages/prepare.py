@@ -4,6 +4,9 @@ Owns config.target, config.draft, config.tiny and config.tokenizer, and the work
 (`models/`, or config.tiny.cache_dir): a HF checkpoint is converted to Orbax once per source revision
 (model_sources), the `:tiny` pair is built once, and every run loads them from there. It writes no stage file:
 every other stage that needs the models runs it first.
+
+The target is loaded on first use (`Models.target`), after every check has passed on its config: a run whose
+stages never read it (training from stored teacher outputs, cross-entropy) never holds it in memory.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -19,7 +23,7 @@ from ml_collections import ConfigDict
 
 from distillspec_jax import checks, files, model_sources
 from distillspec_jax import workdir as wd
-from distillspec_jax.models import convert, qwen3
+from distillspec_jax.models import catalog, convert, qwen3
 
 TINY = checks.TINY  # model source / tokenizer name of the embedded offline default
 OFFLINE_QWEN3_TOKENIZER = "qwen3_offline"
@@ -30,10 +34,23 @@ XLA_CACHE_DIR = "xla_cache"  # JAX's persistent compilation cache, beside the ca
 
 @dataclasses.dataclass
 class Models:
-    target: qwen3.Qwen3
+    load_target: Callable[[], qwen3.Qwen3]  # loads the target onto the mesh (once, on first use of `target`)
     draft: qwen3.Qwen3  # the initial (undistilled) draft
     tokenizer: Any
     draft_dir: str  # the draft's Orbax folder (reloaded for a fresh copy, e.g. AdaSPEC's reference)
+    target_cfg: qwen3.Qwen3Config  # the target's config, known without loading it
+    _target: qwen3.Qwen3 | None = None
+
+    @property
+    def target(self) -> qwen3.Qwen3:
+        if self._target is None:
+            self._target = self.load_target()
+            print(f"[prepare] target loaded: {describe_model(self._target.cfg)}", flush=True)
+        return self._target
+
+    @property
+    def target_loaded(self) -> bool:
+        return self._target is not None
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -123,15 +140,17 @@ def prepare(c: ConfigDict, workdir: str, mesh) -> Models:
                  for cfg in (target_cfg, draft_cfg)]
     checks.check_positions(c, min(positions), f"target {positions[0]}, draft {positions[1]}")  # before loading
     checks.check_same_vocabulary(draft_cfg, target_cfg, "target", "DistillSpec")  # before loading
-    target = convert.load_orbax(target_dir, mesh, dtype=c.target.dtype, param_dtype=c.target.param_dtype)
+    overrides = dict(dtype=c.target.dtype, param_dtype=c.target.param_dtype)
+    target = catalog.config_from_dict({k: v for k, v in target_cfg.items() if k != convert.LEGACY_CONFIG_FIELD_REMAT},
+                                      **overrides)
     draft = load_draft(c, draft_dir, mesh)
     tokenizer = _load_tokenizer(c, target_dir, tiny_tokenizer)
-    if len(tokenizer) > target.cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the models only {target.cfg.vocab_size} "
+    if len(tokenizer) > target.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the models only {target.vocab_size} "
                          "rows; config.tokenizer does not belong to these models")
-    print(f"[prepare] target {describe_model(target.cfg)}, draft {describe_model(draft.cfg)}, vocab "
-          f"{target.cfg.vocab_size}", flush=True)
-    return Models(target, draft, tokenizer, draft_dir)
+    print(f"[prepare] target {describe_model(target)}, draft {describe_model(draft.cfg)}, vocab "
+          f"{target.vocab_size}", flush=True)
+    return Models(lambda: convert.load_orbax(target_dir, mesh, **overrides), draft, tokenizer, draft_dir, target)
 
 
 def describe_model(cfg: qwen3.Qwen3Config) -> str:

@@ -1,5 +1,6 @@
-"""TrainConfig: config.distill in one hop, `TrainConfig(**c.distill, seed=c.seed)`. The loss's fields are
-declared once, in `objective.LossSpec`, which TrainConfig extends with the optimizer's and the loop's."""
+"""TrainConfig: config.distill in one hop, `TrainConfig(**c.distill, seed=c.seed, stored_teacher=...)` (the last
+follows from config.generator: whether it stores the teacher's logits). The loss's fields are declared once, in
+`objective.LossSpec`, which TrainConfig extends with the optimizer's and the loop's."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from distillspec_jax import checks
 from distillspec_jax import sharding as shd
-from distillspec_jax.data.source import BATCH_KEYS, Batch
+from distillspec_jax.data.source import Batch, batch_ranks
 from distillspec_jax.models import qwen3
 from distillspec_jax.objective import DRAFT, REFERENCE, TARGET
 from distillspec_jax.train import state as st
@@ -28,12 +28,24 @@ _VOCABULARY_USE = {TARGET: "distillation", REFERENCE: "the selection's score aga
 
 def check_batch(batch: Batch, cfg: TrainConfig, mesh: Mesh, draft_cfg: qwen3.Qwen3Config, max_positions: int) -> None:
     """Shapes of a global batch; raises before compiling when it cannot be split as configured."""
-    missing = [k for k in BATCH_KEYS if k not in batch]
+    ranks = batch_ranks(cfg.stored_teacher)
+    missing = [k for k in ranks if k not in batch]
     if missing:
-        raise ValueError(f"batch lacks {missing}; a batch holds {list(BATCH_KEYS)} of shape [B, T]")
+        held = "tokens and loss_mask [B, T]" + (", teacher ids and log-probabilities [B, T, k] and tail [B, T]"
+                                                 if cfg.stored_teacher else "")
+        raise ValueError(f"batch lacks {missing}; a batch of this loss holds {held}")
     shape = tuple(batch["tokens"].shape)
     if len(shape) != 2 or tuple(batch["loss_mask"].shape) != shape:
         raise ValueError(f"tokens and loss_mask must both be [B, T]; got {shape} and {tuple(batch['loss_mask'].shape)}")
+    if cfg.stored_teacher:
+        k = batch["teacher_ids"].shape[-1]
+        for key, rank in ranks.items():
+            want = shape + (k,) * (rank - 2)
+            if tuple(batch[key].shape) != want:
+                raise ValueError(f"{key} must be {want} beside tokens {shape}; got {tuple(batch[key].shape)}")
+        if k > draft_cfg.real_vocab_size:
+            raise ValueError(f"the stored teacher keeps k={k} ids per position but the draft's vocabulary has "
+                             f"{draft_cfg.real_vocab_size}")
     if shape[1] > max_positions:
         raise ValueError(f"batches of {shape[1]} positions exceed the models' max_position_embeddings="
                          f"{max_positions}; shorten the sequences (in main.py: data.max_prompt_len, "
@@ -75,7 +87,7 @@ class Distiller:
         self.graphdefs[DRAFT], draft_state = nnx.split(draft)
         self._initial_params: Params | None = nnx.to_pure_dict(draft_state)
         self.tx, self.schedule = make_optimizer(cfg), learning_rate_schedule(cfg)
-        self.shardings = st.shardings(draft_state, self.frozen, self.tx, mesh)
+        self.shardings = st.shardings(draft_state, self.frozen, self.tx, mesh, batch_ranks(cfg.stored_teacher))
         self._abstract_params = jax.eval_shape(lambda: self._initial_params)
         where = self.shardings
         fns = dict(grad_accum_steps=cfg.grad_accum_steps, remat=cfg.remat)
@@ -114,15 +126,16 @@ class Distiller:
 
     def global_batch(self, local: Batch) -> Batch:
         """This host's rows -> global arrays sharded over ('data', 'fsdp'), checked."""
-        arrays = {"tokens": np.asarray(local["tokens"], np.int32),
-                  "loss_mask": np.asarray(local["loss_mask"], np.float32)}
+        dtypes = {"tokens": np.int32, "loss_mask": np.float32, "teacher_ids": np.int32,
+                  "teacher_logprobs": np.float32, "teacher_tail": np.float32}
+        arrays = {k: np.asarray(local[k], dtypes[k]) for k in batch_ranks(self.cfg.stored_teacher) if k in local}
         batch = shd.global_batch_dict(arrays, self.mesh)
         self.check_batch(batch)
         return batch
 
     def _checked(self, batch: Batch) -> Batch:
         self.check_batch(batch)
-        return {k: batch[k] for k in BATCH_KEYS}
+        return {k: batch[k] for k in batch_ranks(self.cfg.stored_teacher)}
 
     def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer step on a global batch; `state` is donated (do not use it afterwards)."""

@@ -11,7 +11,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from distillspec_jax import sharding as shd
-from distillspec_jax.data.source import BATCH_KEYS
 
 Params = dict[str, Any]  # nested dict of arrays, nnx.to_pure_dict layout
 
@@ -53,13 +52,14 @@ def _opt_state_shardings(abstract_opt_state, params_shardings: Params, mesh: Mes
 
 
 def shardings(draft_state: nnx.State, frozen: dict[str, Params], tx: optax.GradientTransformation,
-              mesh: Mesh) -> Shardings:
+              mesh: Mesh, batch_ranks: dict[str, int]) -> Shardings:
     """The step's shardings, from the draft's NNX state (its annotations) and the placed frozen models."""
     params = nnx.to_pure_dict(shd.state_shardings(draft_state, mesh))
     abstract_opt_state = jax.eval_shape(tx.init, nnx.to_pure_dict(draft_state))
     return Shardings(params=params, opt_state=_opt_state_shardings(abstract_opt_state, params, mesh),
                      frozen=jax.tree.map(lambda x: x.sharding, frozen),
-                     batch={key: shd.batch_sharding(mesh, 2) for key in BATCH_KEYS}, replicated=shd.replicated(mesh))
+                     batch={key: shd.batch_sharding(mesh, rank) for key, rank in batch_ranks.items()},
+                     replicated=shd.replicated(mesh))
 
 
 def _with_shardings(abstract, shardings_):

@@ -9,7 +9,8 @@ target makes the step exact for tests).
 
 A batch is a dict of [B, T] arrays: `tokens` (int32, prompt + response, right padded) and `loss_mask`
 (1 where position t's next-token distribution, the one generating token t + 1, is trained; see
-`objective.next_token_loss_mask`).
+`objective.next_token_loss_mask`); with a stored teacher also its top-k ids and log-probabilities [B, T, k]
+and tail [B, T] (`sparse_teacher.TEACHER_KEYS`).
 """
 
 from __future__ import annotations
@@ -33,19 +34,21 @@ Metrics = dict[str, jax.Array]
 
 
 def token_values(spec: LossSpec, graphdefs: Graphdefs, params: Params, frozen: dict[str, Params],
-                 tokens_bt: jax.Array, *, remat: bool = False) -> objective.TokenValues:
-    """Per-position values [B, T] of the loss for the draft `params` against the frozen models."""
+                 batch: Batch, *, remat: bool = False) -> objective.TokenValues:
+    """Per-position values [B, T] of the loss for the draft `params` against the frozen models (or the
+    batch's stored teacher)."""
+    tokens_bt = batch["tokens"]
     draft = nnx.merge(graphdefs[DRAFT], params)
     heads, hidden_btd = {DRAFT: draft.logits}, {DRAFT: draft.hidden_states(tokens_bt, remat=remat)}
     for role in spec.frozen_roles:
         model = nnx.merge(graphdefs[role], frozen[role])
         heads[role], hidden_btd[role] = model.logits, jax.lax.stop_gradient(model.hidden_states(tokens_bt))
     return objective.token_values(spec, draft.cfg.real_vocab_size, heads, hidden_btd,
-                                  objective.next_token_shift(tokens_bt))
+                                  objective.next_token_shift(tokens_bt), batch)
 
 
 def _micro(x_bt: jax.Array, accum: int, mesh: Mesh) -> jax.Array:
-    """[B, T] -> [A, B/A, T]. Micro-batch a takes rows a, a + A, a + 2A, ...: every batch shard holds
+    """[B, T, ...] -> [A, B/A, T, ...]. Micro-batch a takes rows a, a + A, a + 2A, ...: every batch shard holds
     the same number of rows of each micro-batch, so splitting moves no data between devices."""
     x_abt = jnp.swapaxes(x_bt.reshape(x_bt.shape[0] // accum, accum, *x_bt.shape[1:]), 0, 1)
     partition = PartitionSpec(None, shd.BATCH_AXES, *([None] * (x_bt.ndim - 1)))
@@ -61,36 +64,36 @@ def make_gradients(spec: LossSpec, graphdefs: Graphdefs, mesh: Mesh, *, grad_acc
     """`gradients(params, frozen, batch) -> (grads, metrics)`: the gradient of the loss Σ w·D / Σ w over the
     global batch, accumulated over `grad_accum_steps` micro-batches, cast to the parameters' dtypes."""
 
-    def loss_sum(params, frozen, tokens_bt, loss_mask_bt, weights_bt):
+    def loss_sum(params, frozen, batch, weights_bt):
         """Σ w·D over one (micro-)batch, and the metric sums. weights None: from this pass (the selection
         included); otherwise given, already selected over the whole global batch."""
-        values = token_values(spec, graphdefs, params, frozen, tokens_bt, remat=remat)
+        values = token_values(spec, graphdefs, params, frozen, batch, remat=remat)
         if weights_bt is None:
-            weights_bt = objective.loss_weights(spec, loss_mask_bt, values.score)
-        return jnp.sum(weights_bt * values.divergence), objective.metric_sums(spec, values, loss_mask_bt, weights_bt)
+            weights_bt = objective.loss_weights(spec, batch["loss_mask"], values.score)
+        return (jnp.sum(weights_bt * values.divergence),
+                objective.metric_sums(spec, values, batch["loss_mask"], weights_bt))
 
     grad_fn = jax.grad(loss_sum, has_aux=True)
 
     def grads_and_sums(params, frozen, batch):
-        tokens_bt, mask_bt = batch["tokens"], batch["loss_mask"]
         if grad_accum_steps == 1:
-            return grad_fn(params, frozen, tokens_bt, mask_bt, None)
-        tokens_abt, mask_abt = _micro(tokens_bt, grad_accum_steps, mesh), _micro(mask_bt, grad_accum_steps, mesh)
+            return grad_fn(params, frozen, batch, None)
+        micro = jax.tree.map(lambda x: _micro(x, grad_accum_steps, mesh), batch)  # every array [A, B/A, ...]
         score_bt = None
         if spec.uses_reference:
             # A selection ranks tokens over the whole global batch, so every micro-batch's score is needed
             # before any gradient: one extra forward pass, the price of matching the big batch exactly.
-            score_bt = _unmicro(jax.lax.map(lambda t: token_values(spec, graphdefs, params, frozen, t).score,
-                                            tokens_abt))
-        weights_abt = _micro(objective.loss_weights(spec, mask_bt, score_bt), grad_accum_steps, mesh)
+            score_bt = _unmicro(jax.lax.map(lambda b: token_values(spec, graphdefs, params, frozen, b).score, micro))
+        weights_abt = _micro(objective.loss_weights(spec, batch["loss_mask"], score_bt), grad_accum_steps, mesh)
 
         def accumulate(carry, xs):
             grads, sums = grad_fn(params, frozen, *xs)
             return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
+        first = jax.tree.map(lambda x: x[0], micro)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32),
-                             jax.eval_shape(grad_fn, params, frozen, tokens_abt[0], mask_abt[0], weights_abt[0]))
-        (grads, sums), _ = jax.lax.scan(accumulate, zeros, (tokens_abt, mask_abt, weights_abt))
+                             jax.eval_shape(grad_fn, params, frozen, first, weights_abt[0]))
+        (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, weights_abt))
         return grads, sums
 
     def gradients(params, frozen, batch):
@@ -123,7 +126,7 @@ def make_loss_metrics(spec: LossSpec, graphdefs: Graphdefs) -> Callable[[Params,
     """`loss_metrics(params, frozen, batch) -> metrics`: the loss's metrics without a gradient."""
 
     def loss_metrics(params: Params, frozen: dict[str, Params], batch: Batch) -> Metrics:
-        values = token_values(spec, graphdefs, params, frozen, batch["tokens"])
+        values = token_values(spec, graphdefs, params, frozen, batch)
         return objective.reduce_loss(spec, values, batch["loss_mask"])[1]
 
     return loss_metrics
