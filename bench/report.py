@@ -164,8 +164,19 @@ def expert_union_tables(result: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
+def stored_teacher_table(result: dict[str, Any]) -> str:
+    """The sparse (top-k) teacher against the full one, per divergence and k (bench/stored_teacher.py)."""
+    header = ["divergence", "k", "loss sparse / full", "gradient cosine", "1 − TVD sparse", "1 − TVD full",
+              "bytes / token"]
+    rows = [[r["divergence"], str(r["k"]), _f(r["loss_ratio"], 3), _f(r["grad_cosine"], 3),
+             _f(r["acceptance_sparse"], 3), _f(r["acceptance_full"], 3), str(r["storage_bytes_per_token"])]
+            for r in result["results"]]
+    return _table(header, rows)
+
+
 TABLES = {"decode": decode_table, "speculative": speculative_tables, "distill_step": distill_table,
-          "profile_decode": profile_table, "scale": scale_table, "moe": moe_tables, "expert_union": expert_union_tables}
+          "profile_decode": profile_table, "scale": scale_table, "moe": moe_tables, "expert_union": expert_union_tables,
+          "stored_teacher": stored_teacher_table}
 
 
 def main(argv: list[str] | None = None) -> None:
