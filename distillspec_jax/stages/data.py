@@ -80,9 +80,10 @@ def build_data(c: ConfigDict, workdir: str, models: Models, mesh,
     if len(train_items) < c.distill.batch_size:
         raise ValueError(f"{len(train_items)} training examples cannot fill config.distill.batch_size="
                          f"{c.distill.batch_size}")
-    origin = "written by the target" if queries.enabled else f"{d.source}:{d.name or d.task}"
-    print(f"[data] {len(train_items)} training prompts ({origin}) and {len(eval_items)} evaluation prompts "
-          f"({d.source}:{d.name or d.task})", flush=True)
+    origin = f"{d.source}:{d.name or d.task}"
+    if queries.enabled:
+        origin = f"training prompts written by the target, evaluation {origin}"
+    print(f"[data] {len(train_items)} training and {len(eval_items)} evaluation prompts ({origin})", flush=True)
     if generation.generator.stores_logits:
         check_logits_k(generation.logits_k, models.target_cfg.real_vocab_size)  # before the target generates
     prompt_len = pipeline.round_up(max(len(it.prompt) for it in train_items), d.pad_multiple)
