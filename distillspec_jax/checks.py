@@ -472,7 +472,9 @@ def load_examples(c: ConfigDict) -> tuple[list[dict], list[dict]]:
     """(training, evaluation) examples, checked, before any model is loaded.
 
     Evaluation prompts come from data.eval_split, or are eval.num_prompts examples held out of the
-    training split, chosen by the seed.
+    training split, chosen by the seed. A hold-out is drawn from the whole split and data.num_train_examples
+    then counts the training rows left (the first ones, in the split's order), so the evaluation prompts do
+    not change with the amount of training data, and smaller training sets are subsets of larger ones.
     """
     from distillspec_jax.data import generators  # generators -> generate -> checks: imported at call time
 
@@ -480,7 +482,8 @@ def load_examples(c: ConfigDict) -> tuple[list[dict], list[dict]]:
     task = tasks.TASKS[d.task]
     fixed = generators.stored_responses(c.generator.kind, c.generator.mix_other, c.generator.logits_of) == "fixed"
     jsonl_path = d.name if d.source == "jsonl" else None
-    examples = _load(c, d.split, None if d.num_train_examples < 0 else d.num_train_examples)
+    limit = None if d.num_train_examples < 0 else d.num_train_examples
+    examples = _load(c, d.split, limit if d.eval_split else None)
     check_rows(examples, task, _where(c, d.split), d.chat, fixed, jsonl_path)
     if d.eval_split:
         eval_examples = _load(c, d.eval_split, c.eval.num_prompts)
@@ -495,7 +498,7 @@ def load_examples(c: ConfigDict) -> tuple[list[dict], list[dict]]:
         order = np.random.default_rng([c.seed, 1]).permutation(len(examples))
         held = set(order[: c.eval.num_prompts].tolist())
         eval_examples = [examples[i] for i in sorted(held)]
-        examples = [ex for i, ex in enumerate(examples) if i not in held]
+        examples = [ex for i, ex in enumerate(examples) if i not in held][:limit]
     if len(eval_examples) < c.eval.num_prompts:
         raise sources.DataSourceError(f"{_where(c, d.eval_split)} has {len(eval_examples)} rows, fewer than "
                                       f"eval.num_prompts={c.eval.num_prompts}; fix: lower eval.num_prompts")

@@ -287,6 +287,22 @@ def test_too_few_rows_for_evaluation_and_a_batch(tmp_path):
     assert (len(train), len(held_out)) == (8, 8)
 
 
+def test_held_out_prompts_do_not_depend_on_the_amount_of_training_data(tmp_path):
+    """Data scaling compares drafts on the same evaluation prompts: the hold-out comes from the whole split,
+    and a smaller training set is the start of a larger one."""
+    path = _write_jsonl(tmp_path / "rows.jsonl", _rows(40))
+    runs = {}
+    for n in (-1, 24, 10):
+        c = _jsonl_config(path)
+        c.data.num_train_examples = n
+        runs[n] = checks.load_examples(c)
+    assert [len(runs[n][0]) for n in (-1, 24, 10)] == [32, 24, 10]
+    assert runs[24][1] == runs[10][1] == runs[-1][1]
+    assert runs[10][0] == runs[24][0][:10] and runs[24][0] == runs[-1][0][:24]
+    held = {r["prompt"] for r in runs[-1][1]}
+    assert not held & {r["prompt"] for r in runs[-1][0]}
+
+
 def test_a_line_that_is_not_an_object_is_an_error(tmp_path):
     path = tmp_path / "list.jsonl"
     path.write_text('{"prompt": "a"}\n[1, 2]\n')
