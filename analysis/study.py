@@ -68,22 +68,24 @@ def cell_config(preset: str, divergence: str, generator: str, seed: int, out: st
     return c
 
 
-def _seed_base(preset: str, seed: int, out: str, steps: int | None) -> str:
-    """Per seed: the data (with target-generated responses) and the undistilled draft's evaluation."""
+def _seed_base(preset: str, seed: int, out: str, steps: int | None, c=None, name: str = "") -> str:
+    """Per seed: the data (with target-generated responses) and the undistilled draft's evaluation; `c` and
+    `name` give another base config and folder (default: the grid's, base-s{seed})."""
     from distillspec_jax import experiment
 
-    workdir = os.path.join(out, f"base-s{seed}")
-    c = cell_config(preset, "jsd", "target", seed, out, steps)
+    workdir = os.path.join(out, name or f"base-s{seed}")
+    c = c or cell_config(preset, "jsd", "target", seed, out, steps)
     c.stages = "prepare,data,eval_before"
     if not os.path.exists(os.path.join(workdir, "eval_before.json")):
         experiment.run(c, workdir)
     return workdir
 
 
-def _copy_shared(base: str, workdir: str) -> None:
-    """Gives a cell its seed's data and baseline evaluation, so the cell skips those stages."""
+def _copy_shared(base: str, workdir: str, data: bool = True) -> None:
+    """Gives a cell its seed's data (unless `data` is False: the cell builds its own) and baseline evaluation,
+    so the cell skips those stages."""
     os.makedirs(workdir, exist_ok=True)
-    if not os.path.exists(os.path.join(workdir, "data")):
+    if data and not os.path.exists(os.path.join(workdir, "data")):
         shutil.copytree(os.path.join(base, "data"), os.path.join(workdir, "data"))
     if not os.path.exists(os.path.join(workdir, "eval_before.json")):
         shutil.copy2(os.path.join(base, "eval_before.json"), os.path.join(workdir, "eval_before.json"))
