@@ -141,6 +141,8 @@ def base() -> ConfigDict:
         timing_repeats=3,  # timed runs per measurement (median), after a warm-up run
         timing_steps=16,  # cached decode steps per timed call when measuring c and the verify cost
         analytic=True,  # also compute the analytic acceptance α̂ and τ̂ (one forward pass of each model)
+        lenience="",  # lossy frontier: lenience form(s), comma-separated: p_over_eps | p_over_eps2 | p_pow_eps; '' = off
+        epsilons=(),  # lossy frontier: the ε in (0, 1] swept per form (1 = lossless), at every temperature > 0
     ))
 
     c.tracking = ConfigDict(dict(

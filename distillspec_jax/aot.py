@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from distillspec_jax import checks, costs, decoding
+from distillspec_jax import checks, costs, decoding, lenience
 from distillspec_jax import errors
 from distillspec_jax import evaluate as ev
 from distillspec_jax import generate as gen
@@ -359,6 +359,7 @@ def programs(run: Run) -> list[Program]:
 
     samplers = [Sampler(temperature=float(t), top_k=c.eval.top_k, top_p=c.eval.top_p) for t in c.eval.temperatures]
     gammas = [int(x) for x in c.eval.gammas]
+    forms = lenience.parse_forms(c.eval.lenience)
     eval_cache = s.prompt_len + s.eval_tokens  # evaluate.gamma_sweep's step-cost cache
 
     def eval_programs(stage: str):
@@ -385,9 +386,19 @@ def programs(run: Run) -> list[Program]:
                 length = s.prompt_len + s.eval_tokens
                 sequences = _abstract((s.eval_batch, length), jnp.int32, batch_sh)
                 predicts = _abstract((s.eval_batch, length), jnp.bool_, batch_sh)
-                lower = functools.partial(ev._acceptance_sum.lower, tg, dg, ts, ds, sequences, predicts,
-                                          sampler=sampler, chunk=min(ev.POSITION_CHUNK, length))
-                out.append(Program(f"{stage}/{t}/analytic_acceptance", lower, others("eval", "target", "draft")))
+
+                def position_sums(name, epsilons, form, quality):
+                    lower = functools.partial(ev._position_sums.lower, tg, dg, ts, ds, sequences, predicts,
+                                              _abstract((epsilons,), jnp.float32, repl), sampler=sampler,
+                                              chunk=min(ev.POSITION_CHUNK, length), lenience=form, quality=quality)
+                    out.append(Program(f"{stage}/{t}/{name}", lower, others("eval", "target", "draft")))
+
+                position_sums("analytic_acceptance", 0, None, False)
+                if not sampler.greedy and forms:  # the frontier's passes: α̂(ε) per form, quality per output
+                    position_sums("frontier_quality_lossless", 0, None, True)
+                    for form in forms:
+                        position_sums(f"frontier_alpha_hat_{form}", len(c.eval.epsilons), form, False)
+                        position_sums(f"frontier_quality_{form}", 1, form, True)
             if c.eval.timing_repeats > 0 and not c.eval.analytic:  # else the analytic pass's program, reused
                 generate(f"{stage}/{t}/decode_target", tg, ts, s.eval_batch, s.eval_tokens, sampler, True,
                          others("eval", "target"), target.cfg)
@@ -398,8 +409,18 @@ def programs(run: Run) -> list[Program]:
                     max_new_tokens=s.eval_tokens, sampler=sampler, eos_ids=_eos_ids(target.cfg),
                     pad_id=decoding.DEFAULT_PAD_ID,
                     cache_len=decoding.required_cache_len(s.prompt_len, s.eval_tokens, gamma), return_sequences=False,
-                    acceptance="lossless")
-                out.append(Program(f"{stage}/{t}/speculative_g{gamma}", lower, others("eval", "target", "draft")))
+                    acceptance="lossless", keep_top_k=0, teacher_temperature=1.0)
+                out.append(Program(f"{stage}/{t}/speculative_g{gamma}", functools.partial(lower, None, lenience=None),
+                                   others("eval", "target", "draft")))
+                if sampler.greedy or not forms:
+                    continue
+                # The lossy frontier keeps its outputs (their quality is scored): ε traced, one program per form,
+                # and the lossless reference run beside them.
+                for form in (None, *forms):
+                    epsilon = None if form is None else _abstract((), jnp.float32, repl)
+                    out.append(Program(f"{stage}/{t}/frontier_speculative_g{gamma}_{form or 'lossless'}",
+                                       functools.partial(lower, epsilon, lenience=form, return_sequences=True),
+                                       others("eval", "target", "draft")))
 
     stages = set(x.strip() for x in c.stages.split(","))
     if "eval_before" in stages or "eval_after" in stages:

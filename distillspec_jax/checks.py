@@ -273,6 +273,30 @@ def _check_serving(f: _Fields) -> None:
               "--config.serving.buffer_tokens=16384")
 
 
+def _check_lenience(f: _Fields) -> None:
+    """The lossy frontier: known forms, ε in (0, 1], both or neither, and a temperature > 0 to relax."""
+    from distillspec_jax import lenience
+
+    text = f.text("eval.lenience")
+    try:
+        forms = lenience.parse_forms(text)
+    except ValueError as e:
+        raise field_error("eval.lenience", text, str(e), f"--config.eval.lenience={sorted(lenience.LENIENCE_FORMS)[0]}")
+    epsilons = f.require("eval.epsilons", lambda v: all(_is_number(e) and 0 < e <= 1 for e in v),
+                         "a tuple of ε in (0, 1] (1 = lossless)", "--config.eval.epsilons='(1.0, 0.5, 0.2, 0.1)'")
+    if epsilons and not forms:
+        raise field_error("eval.epsilons", epsilons, "empty unless eval.lenience names a form: an ε sweep needs the "
+                          f"lenience function it relaxes ({', '.join(sorted(lenience.LENIENCE_FORMS))})",
+                          "--config.eval.lenience=p_over_eps")
+    if forms and not epsilons:
+        raise field_error("eval.lenience", text, "'' unless eval.epsilons gives the ε to sweep",
+                          "--config.eval.epsilons='(1.0, 0.5, 0.2, 0.1)'")
+    if forms and not any(_is_number(t) and t > 0 for t in f.c.eval.temperatures):
+        raise field_error("eval.lenience", text, "'' with only greedy evaluation: lenience relaxes the sampling test "
+                          "and greedy decoding keeps its exact rule; add a temperature > 0",
+                          "--config.eval.temperatures='(0.0, 1.0)'")
+
+
 def _check_distill(f: _Fields) -> None:
     from distillspec_jax.divergences import DIVERGENCES
     from distillspec_jax.selection import SELECTIONS
@@ -326,6 +350,7 @@ def _check_mesh_eval_tracking(f: _Fields) -> None:
     f.integer("eval.timing_repeats", 0)
     f.integer("eval.timing_steps", 1)
     f.boolean("eval.analytic")
+    _check_lenience(f)
     wandb = f.boolean("tracking.wandb")
     f.require("tracking.project", lambda v: isinstance(v, str) and (v or not wandb),
               "a W&B project name (tracking.wandb is on)", "--config.tracking.project=distillspec-jax")

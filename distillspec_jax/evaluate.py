@@ -10,6 +10,10 @@ draft before and after distillation, at each temperature, and write them to resu
   predicted speedup  = τ / (γ·c + 1).
   analytic α̂         = mean over positions of target-sampled continuations of Σ_v min(p, q) = 1 − TVD(p, q);
   τ̂                  = (1 − α̂^(γ+1)) / (1 − α̂).
+  lossy frontier     = per lenience form and ε (`lenience.py`): τ, α, α̂(ε) = mean Σ_v min(q, f(p, ε)) on the
+                       same kind of continuations, and the quality of the lossy outputs themselves: the target's
+                       log-likelihood per token (temperature 1) and TVD(P_ε, p), the closed-form law's distance
+                       to the target's at each position they visit.
 
 Dimension letters (style.md): B batch, S sequence positions, C positions of one chunk, D model width, V vocabulary.
 """
@@ -26,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from distillspec_jax import lenience as lenience_forms
 from distillspec_jax import objective
 from distillspec_jax.divergences import total_variation
 from distillspec_jax import generate as gen
@@ -132,28 +137,80 @@ def verify_cost_ratio(target: qwen3.Qwen3, gamma: int, batch: int, cache_len: in
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("sampler", "chunk"))
-def _acceptance_sum(target_graphdef, draft_graphdef, target_state, draft_state, sequences_bs, predicts_bs, *,
-                    sampler: Sampler, chunk: int) -> jax.Array:
-    """Σ over positions where predicts_bs is True of Σ_v min(p, q) = 1 − TVD(p, q), computed chunk by chunk over
-    positions (`objective.scan_positions`) so that only [B, C, V] distributions of each model exist at once
-    (V dominates memory, design §3)."""
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("sampler", "chunk", "lenience", "quality"))
+def _position_sums(target_graphdef, draft_graphdef, target_state, draft_state, sequences_bs, predicts_bs, epsilons_e,
+                   *, sampler: Sampler, chunk: int, lenience: str | None, quality: bool) -> dict[str, jax.Array]:
+    """Sums over the positions where predicts_bs is True, computed chunk by chunk over positions
+    (`objective.scan_positions`) so that only [B, C, V] distributions of each model exist at once (V dominates
+    memory, design §3):
+      beta: Σ β, with β = Σ_v min(p, q) = 1 − TVD(p, q) (lenience None, []) or β_ε = Σ_v min(q, f(p, ε)) for
+        each ε of epsilons_e ([E], one ε at a time: [E, B, C, V] never exists);
+      with quality: log_likelihood, Σ log p(next token) under the target at temperature 1, and law_tvd [E],
+        Σ TVD(P_ε, p) (lenience only)."""
     target = nnx.merge(target_graphdef, target_state)
     draft = nnx.merge(draft_graphdef, draft_state)
     real_v = target.cfg.real_vocab_size
-    xs = (target.hidden_states(sequences_bs), draft.hidden_states(sequences_bs), predicts_bs)
+    xs = (target.hidden_states(sequences_bs), draft.hidden_states(sequences_bs), predicts_bs,
+          objective.next_token_shift(sequences_bs))
 
-    def one_chunk(total, xs_c):
-        h_target_bcd, h_draft_bcd, predicts_bc = xs_c
+    def one_chunk(totals, xs_c):
+        h_target_bcd, h_draft_bcd, predicts_bc, next_bc = xs_c
+        target_logits_bcv = target.logits(h_target_bcd)
         # filtered_logits: the sampler's temperature and top-k/top-p; temperature 1 when greedy.
-        p_bcv = sampling.filtered_logits(target.logits(h_target_bcd), sampler, real_v)
-        q_bcv = sampling.filtered_logits(draft.logits(h_draft_bcd), sampler, real_v)
-        # 1 − TVD rather than Σ min(p, q): equal when both sum to 1, and exactly 1 when p and q are identical.
-        beta_bc = 1.0 - total_variation(p_bcv, q_bcv)
-        return total + jnp.sum(jnp.where(predicts_bc, beta_bc, 0.0)), None
+        p_logits_bcv = sampling.filtered_logits(target_logits_bcv, sampler, real_v)
+        q_logits_bcv = sampling.filtered_logits(draft.logits(h_draft_bcd), sampler, real_v)
+        weight_bc = predicts_bc.astype(jnp.float32)
+        new = dict(totals)
+        if lenience is None:
+            # 1 − TVD rather than Σ min(p, q): equal when both sum to 1, and exactly 1 when p and q are identical.
+            new["beta"] = totals["beta"] + jnp.sum(weight_bc * (1.0 - total_variation(p_logits_bcv, q_logits_bcv)))
+        else:
+            p_bcv, q_bcv = jax.nn.softmax(p_logits_bcv, axis=-1), jax.nn.softmax(q_logits_bcv, axis=-1)
 
-    total, _ = objective.scan_positions(one_chunk, jnp.zeros((), jnp.float32), xs, chunk)
-    return total
+            def at(eps):
+                beta = jnp.sum(weight_bc * lenience_forms.acceptance_probability(p_bcv, q_bcv, lenience, eps))
+                tvd = jnp.sum(weight_bc * lenience_forms.law_distance(p_bcv, q_bcv, lenience, eps)) if quality else 0.0
+                return beta, tvd
+
+            beta_e, tvd_e = jax.lax.map(at, epsilons_e)
+            new["beta"] = totals["beta"] + beta_e
+            if quality:
+                new["law_tvd"] = totals["law_tvd"] + tvd_e
+        if quality:
+            log_p_bcv = jax.nn.log_softmax(sampling.filtered_logits(target_logits_bcv, Sampler(temperature=1.0), real_v))
+            log_p_next_bc = jnp.take_along_axis(log_p_bcv, next_bc[..., None], axis=-1)[..., 0]
+            new["log_likelihood"] = totals["log_likelihood"] + jnp.sum(jnp.where(predicts_bc, log_p_next_bc, 0.0))
+        return new, None
+
+    per_eps = jnp.zeros(epsilons_e.shape, jnp.float32)
+    init = {"beta": jnp.zeros((), jnp.float32) if lenience is None else per_eps}
+    if quality:
+        init["log_likelihood"] = jnp.zeros((), jnp.float32)
+        if lenience is not None:
+            init["law_tvd"] = per_eps
+    totals, _ = objective.scan_positions(one_chunk, init, xs, chunk)
+    return totals
+
+
+def _position_means(target: qwen3.Qwen3, draft: qwen3.Qwen3, sequences_bs, response_mask_bs, sampler: Sampler,
+                    chunk: int, lenience: str | None = None, epsilons: Sequence[float] = (),
+                    quality: bool = False) -> dict[str, Any]:
+    """`_position_sums` over every position whose next token is a response token (where a draft would propose),
+    divided by their number: {'beta', 'num_positions'} and with quality {'log_likelihood'} (+ 'law_tvd');
+    per-ε entries are lists."""
+    speculative.check_pair(target, draft)
+    response_mask_bs = jnp.asarray(response_mask_bs, bool)
+    predicts_bs = objective.next_token_shift(response_mask_bs)  # position s predicts token s + 1
+    count = int(jnp.sum(predicts_bs))
+    if count == 0:
+        raise ValueError("no response positions to score: response_mask is all False")
+    tg, ts = nnx.split(target)
+    dg, ds = nnx.split(draft)
+    sums = _position_sums(tg, dg, ts, ds, jnp.asarray(sequences_bs, jnp.int32), predicts_bs,
+                          jnp.asarray(epsilons, jnp.float32), sampler=sampler, chunk=min(chunk, predicts_bs.shape[1]),
+                          lenience=lenience, quality=quality)
+    means = {k: (np.asarray(v, np.float64) / count).tolist() for k, v in sums.items()}
+    return {**means, "num_positions": count}
 
 
 def acceptance_from_sequences(target: qwen3.Qwen3, draft: qwen3.Qwen3, sequences_bs, response_mask_bs,
@@ -166,17 +223,8 @@ def acceptance_from_sequences(target: qwen3.Qwen3, draft: qwen3.Qwen3, sequences
     acceptance 1[argmax p = argmax q] is too coarse per position, and temperature 1 is where a distilled
     draft's distribution is trained to match), so α̂ at temperature 0 is an estimate, not the exact rate.
     """
-    speculative.check_pair(target, draft)
-    response_mask_bs = jnp.asarray(response_mask_bs, bool)
-    predicts_bs = objective.next_token_shift(response_mask_bs)  # position s predicts token s + 1
-    count = int(jnp.sum(predicts_bs))
-    if count == 0:
-        raise ValueError("no response positions to score: response_mask is all False")
-    tg, ts = nnx.split(target)
-    dg, ds = nnx.split(draft)
-    total = _acceptance_sum(tg, dg, ts, ds, jnp.asarray(sequences_bs, jnp.int32), predicts_bs, sampler=sampler,
-                            chunk=min(chunk, predicts_bs.shape[1]))
-    return {"alpha_hat": float(total) / count, "num_positions": count}
+    means = _position_means(target, draft, sequences_bs, response_mask_bs, sampler, chunk)
+    return {"alpha_hat": means["beta"], "num_positions": means["num_positions"]}
 
 
 def analytic_acceptance(target: qwen3.Qwen3, draft: qwen3.Qwen3, prompts_bt, prompt_lens_b, max_new_tokens: int,
@@ -316,3 +364,70 @@ def _sweep_entry(gamma: int, sampler: Sampler, summary: dict[str, Any], seconds:
         result["alpha_hat"] = float(alpha_hat)
         result["expected_block_efficiency"] = expected_block_efficiency(alpha_hat, gamma)
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Lossy speculative decoding: the quality–latency frontier
+# ----------------------------------------------------------------------------------------------
+
+
+def _position_weighted(parts: Sequence[dict[str, Any]], key: str):
+    """The mean of `key` over batches weighted by their positions (a list: elementwise)."""
+    total = sum(part["num_positions"] for part in parts)
+    return (np.sum([np.asarray(part[key]) * part["num_positions"] for part in parts], axis=0) / total).tolist()
+
+
+def lenience_frontier(target: qwen3.Qwen3, draft: qwen3.Qwen3, batches: Sequence[PromptBatch], gammas: Sequence[int],
+                      max_new_tokens: int, sampler: Sampler, rng: jax.Array, *, forms: Sequence[str],
+                      epsilons: Sequence[float], eos_ids=(), runs: int = TIMING_RUNS, measure_time: bool = True,
+                      reference: Sequence[dict[str, Any]] = (),
+                      on_point: Callable[[int, str, float], None] | None = None) -> list[dict[str, Any]]:
+    """Rows of the frontier at one sampling temperature: for every γ the lossless run ('lenience': 'lossless',
+    ε = 1) and one run per (form, ε), each over every prompt batch, with the statistics of the γ sweep (τ, α, the
+    lenient fraction, speedups) and
+      alpha_hat, expected_block_efficiency: α̂(ε) = mean Σ_v min(q, f(p, ε)) on target-sampled continuations (the
+        same ones, and so at ε = 1 the same value, as the lossless α̂ of `gamma_sweep` with this rng), and τ̂;
+      log_likelihood: the target's mean log-probability (temperature 1) per emitted token of these outputs;
+      law_tvd: the mean over the positions these outputs visit of TVD(P_ε, p), the closed-form law's distance.
+    `reference`: the `gamma_sweep` rows of this temperature, whose target-only time, c and verify cost the
+    speedups reuse (the step costs do not depend on the acceptance rule)."""
+    if sampler.greedy:
+        raise ValueError("the lossy frontier needs a sampling temperature > 0: greedy decoding keeps its exact rule")
+    for form in forms:
+        for eps in epsilons:
+            lenience_forms.check_lenience(form, eps)
+    continuations = [gen.generate(target, p, lens, max_new_tokens, sampler, jax.random.fold_in(rng, i), eos_ids=eos_ids,
+                                  return_sequences=True) for i, (p, lens) in enumerate(batches)]
+
+    def alpha_hat(form: str | None) -> list[float]:
+        parts = [_position_means(target, draft, out.sequences, out.response_mask, sampler, POSITION_CHUNK, form,
+                                 epsilons if form else ()) for out in continuations]
+        value = _position_weighted(parts, "beta")
+        return [value] if form is None else value
+
+    alpha = {form: dict(zip((1.0,) if form is None else epsilons, alpha_hat(form))) for form in (None, *forms)}
+    by_gamma = {r["gamma"]: r for r in reference}
+    rows = []
+    for g in gammas:
+        ref = by_gamma.get(g, {})
+        for form, eps in [(None, 1.0)] + [(f, float(e)) for f in forms for e in epsilons]:
+            seconds, stats, quality = 0.0, [], []
+            for i, (p, lens) in enumerate(batches):
+                call = functools.partial(speculative.speculative_generate, target, draft, p, lens, g, max_new_tokens,
+                                         sampler, _batch_rng(rng, i), eos_ids=eos_ids, return_sequences=True,
+                                         lenience=form, epsilon=None if form is None else eps)
+                elapsed, out = median_seconds(call, runs=runs) if measure_time else (0.0, call())
+                seconds += elapsed
+                stats.append(out.stats)
+                quality.append(_position_means(target, draft, out.sequences, out.response_mask, sampler,
+                                               POSITION_CHUNK, form, () if form is None else (eps,), quality=True))
+            row = _sweep_entry(g, sampler, speculative.summarize(speculative.merge_stats(stats)),
+                               seconds if measure_time else None, ref.get("target_time_s"), ref.get("cost_ratio"),
+                               ref.get("verify_cost_ratio"), alpha[form][eps])
+            row.update(lenience=form or "lossless", epsilon=eps,
+                       log_likelihood=_position_weighted(quality, "log_likelihood"),
+                       law_tvd=0.0 if form is None else _position_weighted(quality, "law_tvd")[0])
+            rows.append(row)
+            if on_point is not None:
+                on_point(g, form or "lossless", eps)
+    return rows

@@ -6,6 +6,9 @@ One block, for every row b at once (design §5):
   3. x_i is accepted with probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection a token is drawn
      from norm(max(p_i − q_i, 0)); if all γ are accepted a bonus token is drawn from p_{γ+1}.
      At temperature 0 this is: accept while x_i = argmax p_i, then emit argmax p at the first mismatch.
+     With a lenience form (lossy, DistillSpec §5; `lenience.py`) the test is min(1, f(p_i(x_i), ε) / q_i(x_i))
+     and everything else stays: the static form's name selects f, ε is traced (one program for a sweep),
+     and lenience=None is the lossless program itself. Greedy decoding keeps its exact rule.
   4. Each row advances by (accepted + 1) tokens, truncated at its first EOS and at its budget, and
      both caches roll back per row by lowering their lengths.
 
@@ -33,6 +36,7 @@ Statistics (per row, so callers can aggregate over rows and batches; design §5 
   accepted / proposed: draft tokens accepted by verification (the leading accepts, n per block, even if
     an EOS or the budget then truncates the emission) / γ per block; α = Σ accepted / Σ proposed.
   accepted_at[i]: blocks in which x_{i+1} was accepted; a_i = Σ accepted_at[i] / Σ target_calls.
+  lenient_accepted: accepted draft tokens that the lossless test (same uniform) would have rejected.
   batch_blocks: iterations of the batched loop, which runs until its slowest row is done (wall time).
 """
 
@@ -48,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from distillspec_jax import checks, decoding, sparse_teacher
+from distillspec_jax import checks, decoding, lenience as lenience_forms, sparse_teacher
 from distillspec_jax import sampling
 from distillspec_jax.data import pipeline
 from distillspec_jax.models import qwen3
@@ -109,6 +113,7 @@ class SpeculativeStats(NamedTuple):
     # [B] iterations of the batched loop that ran the row (the same for every row of a batch): rows advance in
     # lockstep, so wall time follows this count, the slowest row's number of blocks.
     batch_blocks: jax.Array
+    lenient_accepted: jax.Array  # [B] accepted draft tokens the lossless test would have rejected (lossy rule)
 
 
 class SpeculativeOutput(NamedTuple):
@@ -172,8 +177,11 @@ def _draft_block(draft: qwen3.Qwen3, cache: qwen3.KVCache, committed_b, prev_b, 
 
 
 def _verify(logits_bpv: jax.Array, x_bp: jax.Array, q_bpv: jax.Array | None, rng: jax.Array, sampler: Sampler,
-            real_v: int, rule: AcceptanceRule) -> tuple[jax.Array, jax.Array]:
-    """Modified rejection sampling. logits_bpv: target logits [B, γ+1, V]. Returns (n_b accepted, y_b emitted)."""
+            real_v: int, rule: AcceptanceRule, lenience: str | None = None,
+            epsilon: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Modified rejection sampling. logits_bpv: target logits [B, γ+1, V]. Returns (n_b accepted, y_b emitted,
+    lenient_b: how many of the n accepted the lossless test would have rejected; None without lenience).
+    With `lenience`, the test compares f(p(x), ε) instead of p(x) (sampling only: the caller refuses greedy)."""
     gamma = x_bp.shape[1]
     key_accept, key_correction = jax.random.fold_in(rng, _KEY_ACCEPT), jax.random.fold_in(rng, _KEY_CORRECTION)
     if sampler.greedy:
@@ -188,10 +196,17 @@ def _verify(logits_bpv: jax.Array, x_bp: jax.Array, q_bpv: jax.Array | None, rng
         p_x_bp = jnp.take_along_axis(p_bpv[:, :gamma], x_bp[..., None], axis=-1)[..., 0]
         q_x_bp = jnp.take_along_axis(q_bpv, x_bp[..., None], axis=-1)[..., 0]
         u_bp = jax.random.uniform(key_accept, x_bp.shape)
-    accept_bp = rule.accept(p_x_bp, q_x_bp, u_bp)
-    n_b = jnp.sum(jnp.cumprod(accept_bp.astype(jnp.int32), axis=1), axis=1)  # the leading accepts
+    lenient_b = None
+    if lenience is None:
+        accept_bp = rule.accept(p_x_bp, q_x_bp, u_bp)
+        n_b = jnp.sum(jnp.cumprod(accept_bp.astype(jnp.int32), axis=1), axis=1)  # the leading accepts
+    else:
+        accept_bp = rule.accept(lenience_forms.lenient_p(p_x_bp, lenience, epsilon), q_x_bp, u_bp)
+        leading_bp = jnp.cumprod(accept_bp.astype(jnp.int32), axis=1)
+        n_b = jnp.sum(leading_bp, axis=1)
+        lenient_b = jnp.sum(leading_bp * (~rule.accept(p_x_bp, q_x_bp, u_bp)).astype(jnp.int32), axis=1)
     if sampler.greedy:
-        return n_b, jnp.take_along_axis(target_argmax_bp, n_b[:, None], axis=1)[:, 0]
+        return n_b, jnp.take_along_axis(target_argmax_bp, n_b[:, None], axis=1)[:, 0], lenient_b
 
     # The residual at index n: norm(max(p_n - q_n, 0)) after a rejection; with q padded by a zero
     # distribution at index γ, the same formula yields p_{γ+1} for the bonus token after a full accept.
@@ -199,24 +214,24 @@ def _verify(logits_bpv: jax.Array, x_bp: jax.Array, q_bpv: jax.Array | None, rng
     p_n_bv = jnp.take_along_axis(p_bpv, n_b[:, None, None], axis=1)[:, 0]
     q_n_bv = jnp.take_along_axis(q_padded_bpv, n_b[:, None, None], axis=1)[:, 0]
     residual_bv = rule.residual(p_n_bv, q_n_bv)
-    # A rejection implies p(x) < q(x), hence some mass where p > q; only rounding can leave none, and then
-    # p itself is the (indistinguishable) answer.
+    # A rejection implies p(x) < q(x) (also under lenience: f(p) >= p), hence some mass where p > q; only
+    # rounding can leave none, and then p itself is the (indistinguishable) answer.
     residual_bv = jnp.where(jnp.sum(residual_bv, axis=-1, keepdims=True) > 0, residual_bv, p_n_bv)
     log_residual_bv = jnp.where(residual_bv > 0, jnp.log(jnp.where(residual_bv > 0, residual_bv, 1.0)), qwen3.MASK_VALUE)
     y_b = jax.random.categorical(key_correction, log_residual_bv, axis=-1).astype(jnp.int32)
-    return n_b, y_b
+    return n_b, y_b, lenient_b
 
 
 @functools.partial(
     jax.jit,
     static_argnums=(0, 1),
     static_argnames=("gamma", "max_new_tokens", "sampler", "eos_ids", "pad_id", "cache_len", "return_sequences",
-                     "acceptance", "keep_top_k", "teacher_temperature"),
+                     "acceptance", "keep_top_k", "teacher_temperature", "lenience"),
 )
-def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state, prompts_bt, prompt_lens_b, rng, *,
-                     gamma: int, max_new_tokens: int, sampler: Sampler, eos_ids: tuple[int, ...], pad_id: int,
-                     cache_len: int, return_sequences: bool, acceptance: str, keep_top_k: int,
-                     teacher_temperature: float) -> SpeculativeOutput:
+def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state, prompts_bt, prompt_lens_b, rng,
+                     epsilon, *, gamma: int, max_new_tokens: int, sampler: Sampler, eos_ids: tuple[int, ...],
+                     pad_id: int, cache_len: int, return_sequences: bool, acceptance: str, keep_top_k: int,
+                     teacher_temperature: float, lenience: str | None) -> SpeculativeOutput:
     target = nnx.merge(target_graphdef, target_state)
     draft = nnx.merge(draft_graphdef, draft_state)
     real_v = target.cfg.real_vocab_size
@@ -236,7 +251,8 @@ def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state,
                                                 jax.random.fold_in(key, _KEY_DRAFT), gamma, sampler)
         # The target's single call: [last, x_1..x_γ] at slots committed..committed+γ (its cache length).
         logits_bpv, target_cache = target.step(jnp.concatenate([c.last_b[:, None], x_bp], axis=1), c.target_cache)
-        n_b, y_b = _verify(logits_bpv, x_bp, q_bpv, key, sampler, real_v, ACCEPTANCE_RULES[acceptance])
+        n_b, y_b, lenient_b = _verify(logits_bpv, x_bp, q_bpv, key, sampler, real_v, ACCEPTANCE_RULES[acceptance],
+                                      lenience, epsilon)
 
         # Tokens this block would emit: x_1..x_n then y; cut after the first EOS and at the budget.
         x_padded_bp = jnp.concatenate([x_bp, jnp.zeros_like(x_bp[:, :1])], axis=1)
@@ -275,6 +291,7 @@ def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state,
             emitted=new_emitted_b,
             accepted_at=s.accepted_at + ((i_1p[:, :gamma] < n_b[:, None]) & active_b[:, None]).astype(jnp.int32),
             batch_blocks=s.batch_blocks + 1,
+            lenient_accepted=s.lenient_accepted if lenient_b is None else s.lenient_accepted + lenient_b * active_i,
         )
         return _BlockCarry(
             target_cache=target_cache.with_lengths(committed_b),
@@ -307,7 +324,7 @@ def _speculative_jit(target_graphdef, draft_graphdef, target_state, draft_state,
         done_b=jnp.zeros((batch,), bool),
         block=jnp.zeros((), jnp.int32),
         stats=SpeculativeStats(zeros_b, zeros_b, zeros_b, zeros_b, zeros_b, jnp.zeros((batch, gamma), jnp.int32),
-                               zeros_b),
+                               zeros_b, zeros_b),
     )
     # Every active row emits at least one token per block, so the loop ends within R iterations.
     out = jax.lax.while_loop(lambda c: ~jnp.all(c.done_b), body, init)
@@ -342,6 +359,8 @@ def speculative_generate(
     acceptance: str = "lossless",
     keep_top_k: int = 0,
     teacher_temperature: float = 1.0,
+    lenience: str | None = None,
+    epsilon: float | None = None,
 ) -> SpeculativeOutput:
     """Samples up to `max_new_tokens` tokens per prompt from the target, proposing γ at a time with the draft.
 
@@ -351,6 +370,8 @@ def speculative_generate(
     acceptance: a name in ACCEPTANCE_RULES; "lossless" (the default) is the rule above.
     keep_top_k: k > 0 also returns the target's top-k beside each emitted token, at teacher_temperature (the
     loss's), for online learning while serving; 0 keeps nothing.
+    lenience, epsilon: a form of `lenience.LENIENCE_FORMS` and ε in (0, 1]: lossy speculative sampling, whose
+    output follows `lenience.output_law` position by position instead of p; None (the default) is lossless.
     Everything is validated on the host before tracing.
     """
     if not isinstance(gamma, (int, np.integer)) or isinstance(gamma, bool) or gamma < 1:
@@ -358,6 +379,11 @@ def speculative_generate(
     if acceptance not in ACCEPTANCE_RULES:
         raise ValueError(f"acceptance must be one of {sorted(ACCEPTANCE_RULES)}, got {acceptance!r}")
     decoding.check_sampler(sampler)
+    lenience_forms.check_lenience(lenience, epsilon)
+    if lenience is not None and sampler.greedy:
+        raise ValueError(f"lenience {lenience!r} needs a sampling temperature > 0: greedy decoding keeps its exact "
+                         "rule (accept while x = argmax p), so there is nothing to relax; decode with temperature > 0 "
+                         "or drop the lenience")
     check_pair(target, draft)
     if not 0 <= keep_top_k <= target.cfg.real_vocab_size or not teacher_temperature > 0:
         raise ValueError(f"keep_top_k must be in [0, {target.cfg.real_vocab_size}] and teacher_temperature > 0; got "
@@ -374,9 +400,9 @@ def speculative_generate(
     return _speculative_jit(
         target_graphdef, draft_graphdef, target_state, draft_state,
         jnp.asarray(prompts_bt, jnp.int32), jnp.asarray(prompt_lens_b, jnp.int32), rng,
-        gamma=int(gamma), max_new_tokens=int(max_new_tokens), sampler=sampler, eos_ids=eos, pad_id=int(pad_id),
+        None if lenience is None else jnp.float32(epsilon), gamma=int(gamma), max_new_tokens=int(max_new_tokens), sampler=sampler, eos_ids=eos, pad_id=int(pad_id),
         cache_len=cache_len, return_sequences=bool(return_sequences), acceptance=acceptance,
-        keep_top_k=int(keep_top_k), teacher_temperature=float(teacher_temperature),
+        keep_top_k=int(keep_top_k), teacher_temperature=float(teacher_temperature), lenience=lenience,
     )
 
 
@@ -405,6 +431,8 @@ def summarize(stats: SpeculativeStats) -> dict[str, Any]:
     form is (1 − α^(γ+1)) / (1 − α) when acceptances are i.i.d. with probability α.
     batch_block_efficiency = emitted / Σ batch_blocks: tokens per row per batched iteration, the τ a lockstep
     batch actually realises (wall time follows its slowest row), at most block_efficiency.
+    lenient_fraction = lenient_accepted / accepted: the share of accepted draft tokens that only the lossy
+    rule accepted (0 for the lossless rule).
     """
     s = jax.tree.map(np.asarray, stats)
     target_calls, accepted, proposed = int(s.target_calls.sum()), int(s.accepted.sum()), int(s.proposed.sum())
@@ -420,6 +448,7 @@ def summarize(stats: SpeculativeStats) -> dict[str, Any]:
         "accepted_tokens": accepted,
         "proposed_tokens": proposed,
         "batch_block_efficiency": emitted / int(s.batch_blocks.sum()),
+        "lenient_fraction": int(s.lenient_accepted.sum()) / accepted if accepted else 0.0,
         "rows": int(len(s.emitted)),
         "gamma": int(s.accepted_at.shape[1]),
     }

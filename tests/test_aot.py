@@ -197,3 +197,20 @@ def test_run_refuses_a_teacher_that_does_not_fit_before_any_model_loads():
         experiment.check_memory(c, [_FakeChip("TPU v5 lite")] * 16)
     experiment.check_memory(c, [_FakeChip("NVIDIA H200")] * 8)
     experiment.check_memory(c, jax.devices())  # CPU devices: host RAM is no chip memory, nothing to check
+
+
+@needs_libtpu
+def test_every_program_of_a_run_compiles_for_a_tpu_slice(tmp_path):
+    """Not only the training step: every program the stages run (generation, the γ sweep's decode, verify and
+    speculative loops, the analytic pass and, with eval.lenience, the lossy frontier's) lowers with the
+    arguments the stages give it and compiles for the slice."""
+    c = small_config(tmp_path, data=4, fsdp=1)
+    c.eval.update(gammas=(2,), temperatures=(0.0, 1.0), lenience="p_over_eps,p_pow_eps", epsilons=(0.5, 0.1))
+    result = aot.preflight(c, "v5e:2x2")
+    names = {p["name"] for p in result["programs"]}  # both evaluations run the same programs: listed once
+    assert {"eval/T0/speculative_g2", "eval/T1/speculative_g2", "eval/T1/analytic_acceptance",
+            "eval/T1/frontier_speculative_g2_lossless", "eval/T1/frontier_speculative_g2_p_pow_eps",
+            "eval/T1/frontier_alpha_hat_p_over_eps", "eval/T1/frontier_quality_p_pow_eps", "distill_step",
+            "generate_draft_on_policy"} <= names, names
+    assert not any(n.startswith("eval/T0/frontier") for n in names)  # greedy keeps its exact rule
+    assert result["fits"] and all(p["fits"] for p in result["programs"])

@@ -44,6 +44,6 @@ OUTPUTS = {s.name: s.output for s in STAGES if s.output is not None}
 # The workdir's top-level names the stages write (overwrite=True deletes these and nothing else).
 WRITTEN = (prepare.MODELS_DIR, data.DATA_DIR, distill.DISTILLED_DIR, distill.REFERENCE_DIR, report.OUTPUT,
            evaluation.OUTPUTS["eval_before"], evaluation.OUTPUTS["eval_after"], evaluation.EXPERT_UNION,
-           serving.LOG_FILE)
+           *evaluation.FRONTIERS.values(), serving.LOG_FILE)
 
 __all__ = ["STAGES", "NAMES", "BY_NAME", "OUTPUTS", "WRITTEN", "RunState", "Stage"]

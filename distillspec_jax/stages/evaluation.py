@@ -4,7 +4,9 @@ with the undistilled draft and then the distilled one.
 Owns config.eval. Writes `eval_before.json` and `eval_after.json`: one row per (temperature, γ). With an MoE
 target, each also writes `expert_union.json` (the experts a step and a verify call read, per γ and batch size;
 see `expert_union`; the same table both times, since it depends on the target alone), and every row with a
-measured c gets the MoE prediction of the speedup beside the dense and measured-v ones.
+measured c gets the MoE prediction of the speedup beside the dense and measured-v ones. With eval.lenience,
+each first writes `frontier_before.json` / `frontier_after.json`: the lossy quality–latency frontier at every
+temperature > 0 (`evaluate.lenience_frontier`: one row per γ, form and ε, and the lossless run per γ).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ml_collections import ConfigDict
 from distillspec_jax import evaluate as ev
 from distillspec_jax import expert_union
 from distillspec_jax import generate as gen
+from distillspec_jax import lenience
 from distillspec_jax import sharding as shd
 from distillspec_jax import workdir as wd
 from distillspec_jax.data import pipeline
@@ -27,6 +30,7 @@ from distillspec_jax.stages.distill import distilled_draft
 from distillspec_jax.stages.prepare import Models
 
 OUTPUTS = {"eval_before": "eval_before.json", "eval_after": "eval_after.json"}
+FRONTIERS = {"eval_before": "frontier_before.json", "eval_after": "frontier_after.json"}
 EXPERT_UNION = "expert_union.json"
 
 
@@ -105,12 +109,42 @@ def with_moe_prediction(row: dict, table: list[dict], batch: int) -> dict:
     return row
 
 
+def frontier(c: ConfigDict, workdir: str, models: Models, draft: qwen3.Qwen3, mesh, stage: str,
+             sweep: list[dict]) -> list[dict]:
+    """The lossy frontier at every evaluation temperature > 0, with the γ sweep's rows (`sweep`) as the source
+    of the target-only time and the step costs; [] when eval.lenience is off."""
+    forms = lenience.parse_forms(c.eval.lenience)
+    samplers = [(i, s) for i, s in enumerate(eval_samplers(c)) if not s.greedy]
+    if not forms or not samplers:
+        return []
+    batches = eval_batches(c, workdir, mesh)
+    gammas = [int(g) for g in c.eval.gammas]
+    progress = Progress(stage, len(samplers) * len(gammas) * (1 + len(forms) * len(c.eval.epsilons)), unit="run")
+    rows = []
+    for i, sampler in samplers:
+        rows += ev.lenience_frontier(
+            models.target, draft, batches, gammas, c.eval.max_new_tokens, sampler,
+            jax.random.fold_in(jax.random.key(c.seed), 100 + i),  # the γ sweep's key: the same continuations for α̂
+            forms=forms, epsilons=[float(e) for e in c.eval.epsilons], eos_ids=models.eos_ids,
+            runs=c.eval.timing_repeats, measure_time=c.eval.timing_repeats > 0,
+            reference=[r for r in sweep if r["temperature"] == sampler.temperature],
+            on_point=lambda g, form, eps, t=sampler.temperature: progress.update(note=f"T={t} γ={g} {form} ε={eps:g}"))
+    progress.done()
+    return rows
+
+
+def _evaluate(state, draft: qwen3.Qwen3, stage: str) -> None:
+    c = state.config
+    rows = speculative_sweep(c, state.workdir, state.models, draft, state.mesh, stage)
+    lossy = frontier(c, state.workdir, state.models, draft, state.mesh, f"{stage}: lossy frontier", rows)
+    if lossy:
+        wd.write_json(wd.path(state.workdir, FRONTIERS[stage]), lossy)
+    wd.write_json(wd.path(state.workdir, OUTPUTS[stage]), rows)  # last: it marks the stage done
+
+
 def run_before(state) -> None:
-    rows = speculative_sweep(state.config, state.workdir, state.models, state.models.draft, state.mesh, "eval_before")
-    wd.write_json(wd.path(state.workdir, OUTPUTS["eval_before"]), rows)
+    _evaluate(state, state.models.draft, "eval_before")
 
 
 def run_after(state) -> None:
-    draft = distilled_draft(state.config, state.workdir, state.mesh)
-    rows = speculative_sweep(state.config, state.workdir, state.models, draft, state.mesh, "eval_after")
-    wd.write_json(wd.path(state.workdir, OUTPUTS["eval_after"]), rows)
+    _evaluate(state, distilled_draft(state.config, state.workdir, state.mesh), "eval_after")

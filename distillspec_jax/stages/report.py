@@ -45,10 +45,13 @@ def _selection(c: ConfigDict) -> dict[str, Any]:
 
 
 def results(c: ConfigDict, workdir: str) -> dict[str, Any]:
-    """results.json: the run's identity, both evaluations (one row per temperature and γ), training, checks, and
-    for an MoE target the expert-union table."""
+    """results.json: the run's identity, both evaluations (one row per temperature and γ), training, checks, for
+    an MoE target the expert-union table, and with eval.lenience the lossy frontier before and after."""
     before = wd.read_json(wd.path(workdir, evaluation.OUTPUTS["eval_before"])) or []
     after = wd.read_json(wd.path(workdir, evaluation.OUTPUTS["eval_after"])) or []
+    # With eval.lenience: the lossy frontier of each draft (evaluate.lenience_frontier rows).
+    frontier = {when: wd.read_json(wd.path(workdir, evaluation.FRONTIERS[f"eval_{when}"])) or []
+                for when in ("before", "after")}
     return {
         "schema": RESULTS_SCHEMA,
         "run": {"name": os.path.basename(os.path.normpath(str(workdir))), "divergence": c.distill.divergence,
@@ -60,6 +63,7 @@ def results(c: ConfigDict, workdir: str) -> dict[str, Any]:
         "training": wd.read_json(wd.path(workdir, distill.OUTPUT)) or {},
         "checks": tau_checks(before, after),
         **({"expert_union": union} if (union := wd.read_json(wd.path(workdir, evaluation.EXPERT_UNION))) else {}),
+        **({"frontier": frontier} if any(frontier.values()) else {}),
     }
 
 
