@@ -11,6 +11,13 @@ writes into DIR (design §5 defines every quantity):
     speedup.png                  predicted τ / (γc + 1) (and with the measured verification cost) against measured
     comparison.md                one row per run: mean τ over γ and τ at the largest γ, per temperature
 
+and, when a run has a lossy frontier (config.eval.lenience; results.json "frontier"):
+
+    lossy_frontier_loglik.png    the target's log-likelihood per token of the lossy outputs against τ, predicted
+                                 and measured speedup: one curve per draft (before dashed, after solid) and
+                                 lenience form, from ε = 1 (lossless) down, at the largest γ
+    lossy_frontier_tvd.png       the same with TVD(P_ε, p), the closed-form law's distance to the target's
+
 Every panel with several temperatures has one column per temperature. A run without an `after` evaluation,
 metrics or timings is drawn with what it has, and comparison.md says what is missing.
 
@@ -69,6 +76,7 @@ class Run:
     after: list[dict[str, Any]]  # the same sweep with the distilled draft; [] when not evaluated (yet)
     training: dict[str, Any]  # steps, data_position, last_metrics; {} when distillation did not finish
     metrics: list[dict[str, Any]]  # metrics.jsonl by step (the last line of each step); [] when absent
+    frontier: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)  # stage -> lossy rows
     label: str = ""  # run · divergence · generator, unique among the runs loaded together
 
     def rows(self, stage: str) -> list[dict[str, Any]]:
@@ -136,7 +144,7 @@ def load_run(workdir: str | os.PathLike) -> Run:
                          f"knows schema {RESULTS_SCHEMA}; update analysis/plots.py or rerun the report stage")
     return Run(workdir=workdir, info=dict(res.get("run") or {}), before=list(res.get("before") or []),
                after=list(res.get("after") or []), training=dict(res.get("training") or {}),
-               metrics=read_metrics(workdir))
+               metrics=read_metrics(workdir), frontier=dict(res.get("frontier") or {}))
 
 
 def load_runs(workdirs: Sequence[str | os.PathLike]) -> list[Run]:
@@ -389,6 +397,68 @@ def speedup(runs: Sequence[Run]) -> Figure:
     return fig
 
 
+# (row key, axis label) of the frontier's x axes, and its two quality measures
+FRONTIER_X = (("block_efficiency", "τ (tokens per target call)"), ("predicted_speedup", "predicted τ / (γc + 1)"),
+              ("measured_speedup", "measured speedup"))
+FRONTIER_QUALITY = {"log_likelihood": "target log-likelihood per token (temperature 1)",
+                    "law_tvd": "TVD(P_ε, p) per position (closed form)"}
+
+
+def _frontier_curves(run: Run, stage: str) -> dict[tuple[float, str], list[dict[str, Any]]]:
+    """{(temperature, form): rows at the run's largest frontier γ, from ε = 1 (its lossless row first) down}."""
+    rows = run.frontier.get(stage) or []
+    if not rows:
+        return {}
+    gamma = max(r["gamma"] for r in rows)
+    curves = {}
+    for t in sorted({float(r["temperature"]) for r in rows}):
+        at = [r for r in rows if r["gamma"] == gamma and float(r["temperature"]) == t]
+        lossless = [r for r in at if r["lenience"] == "lossless"]
+        for form in sorted({r["lenience"] for r in at} - {"lossless"}):
+            mine = sorted((r for r in at if r["lenience"] == form), key=lambda r: -r["epsilon"])
+            curves[(t, form)] = lossless + [r for r in mine if r["epsilon"] < 1.0]
+    return curves
+
+
+def lossy_frontier(runs: Sequence[Run], quality: str = "log_likelihood") -> Figure:
+    """Quality against τ, predicted and measured speedup, per draft and lenience form (see the module)."""
+    forms = sorted({f for run in runs for s in STAGES for (_, f) in _frontier_curves(run, s)})
+    gammas = sorted({max(r["gamma"] for r in run.frontier[s]) for run in runs for s in STAGES if run.frontier.get(s)})
+    fig, axes = _new_figure(len(FRONTIER_X), "Lossy speculative decoding: quality against speed"
+                            + (f" (γ = {gammas[0]})" if len(gammas) == 1 else " (largest γ of each run)"))
+    for ax, (x_key, x_label) in zip(axes, FRONTIER_X):
+        drawn = False
+        for k, run in enumerate(runs):
+            for stage in STAGES:
+                for (t, form), rows in _frontier_curves(run, stage).items():
+                    points = [(r[x_key], r[quality]) for r in rows if r.get(x_key) is not None]
+                    if points:
+                        drawn = True
+                        ax.plot(*zip(*points), color=_color(forms.index(form)), linestyle=LINESTYLE[stage],
+                                marker=TEMPERATURE_MARKERS[k % len(TEMPERATURE_MARKERS)], markersize=4,
+                                fillstyle="full" if FILLED[stage] else "none")
+        if not drawn:
+            _note(ax, "no timings (config.eval.timing_repeats = 0)" if x_key != "block_efficiency"
+                  else "no lossy frontier in any results.json (config.eval.lenience is off)", center=True)
+        if x_key.endswith("speedup") and drawn:
+            ax.axvline(1.0, **GUIDE)
+        ax.set(title=x_label, xlabel=x_label, ylabel=FRONTIER_QUALITY[quality])
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color=_color(i), label=f) for i, f in enumerate(forms)] + _stage_handles()
+    if len(runs) > 1:
+        handles += [Line2D([], [], color="black", linestyle="", marker=TEMPERATURE_MARKERS[k % len(TEMPERATURE_MARKERS)],
+                           label=run.label) for k, run in enumerate(runs)]
+    _legend(fig, handles)
+    return fig
+
+
+# The frontier's PNGs, written only when some run has a frontier.
+FRONTIER_FIGURES: dict[str, Callable[[Sequence[Run]], Figure]] = {
+    "lossy_frontier_loglik.png": lambda runs: lossy_frontier(runs, "log_likelihood"),
+    "lossy_frontier_tvd.png": lambda runs: lossy_frontier(runs, "law_tvd"),
+}
+
+
 # The PNGs write_all makes, by file name (the notebook shows them in this order).
 FIGURES: dict[str, Callable[[Sequence[Run]], Figure]] = {
     "tau_vs_gamma.png": tau_vs_gamma,
@@ -491,13 +561,14 @@ def comparison_markdown(runs: Sequence[Run]) -> str:
 
 
 def write_all(workdirs: list[str], out_dir: str) -> list[str]:
-    """Writes every PNG of FIGURES and comparison.md for the runs in `workdirs` into `out_dir` (local or gs://);
-    returns the written paths. Raises FileNotFoundError for a workdir without results.json."""
+    """Writes every PNG of FIGURES (and FRONTIER_FIGURES when a run has a lossy frontier) and comparison.md for
+    the runs in `workdirs` into `out_dir` (local or gs://); returns the written paths. Raises FileNotFoundError for a workdir without results.json."""
     runs = load_runs(workdirs)
     out = _path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, make in FIGURES.items():
+    figures = {**FIGURES, **(FRONTIER_FIGURES if any(run.frontier for run in runs) else {})}
+    for name, make in figures.items():
         (out / name).write_bytes(render_png(make(runs)))
         written.append(str(out / name))
     (out / COMPARISON_FILE).write_text(comparison_markdown(runs))

@@ -21,6 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_NAMES = ("tau_vs_gamma.png", "per_position_acceptance.png", "training_curves.png", "analytic_vs_measured.png",
              "speedup.png")
+FRONTIER_NAMES = ("lossy_frontier_loglik.png", "lossy_frontier_tvd.png")
 # A run's colour must cover well over the pixels of its legend handle alone (50-61 px at PIXEL_SIZE; a single
 # run's data adds 600-2300, and overlapping runs hide some of each other's points): its data is drawn.
 MIN_DATA_PIXELS = 150
@@ -88,11 +89,12 @@ def test_pixel_size_follows_figsize_and_dpi():
 
 
 def test_write_all_on_pipeline_workdir_writes_every_png(pipeline_workdir, tmp_path):
+    """The pipeline's run has a lossy frontier (conftest.PIPELINE_LENIENCE), so its two figures are drawn too."""
     out = tmp_path / "plots"
     written = plots.write_all([str(pipeline_workdir)], str(out))
-    assert sorted(os.path.basename(p) for p in written) == sorted(PNG_NAMES + (plots.COMPARISON_FILE,))
+    assert sorted(os.path.basename(p) for p in written) == sorted(PNG_NAMES + FRONTIER_NAMES + (plots.COMPARISON_FILE,))
     assert all(pathlib.Path(p).is_file() for p in written)
-    for name in PNG_NAMES:
+    for name in PNG_NAMES + FRONTIER_NAMES:
         img = _assert_valid_png(out / name)
         assert _pixels_of(img, plots.COLORS[0]) > MIN_DATA_PIXELS, f"{name} does not draw the run's data"
     rows = _table_rows((out / plots.COMPARISON_FILE).read_text())
@@ -200,7 +202,7 @@ def test_cli_writes_everything(pipeline_workdir, second_workdir, tmp_path):
     out = tmp_path / "cli_out"
     proc = _cli(str(pipeline_workdir), str(second_workdir), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == [str(out / n) for n in (*PNG_NAMES, plots.COMPARISON_FILE)]
+    assert proc.stdout.split() == [str(out / n) for n in (*PNG_NAMES, *FRONTIER_NAMES, plots.COMPARISON_FILE)]
     for name in PNG_NAMES:
         _assert_valid_png(out / name)
     assert len(_table_rows((out / plots.COMPARISON_FILE).read_text())) == 2
@@ -256,6 +258,24 @@ def test_wandb_download_without_results_json_is_a_clear_error(tmp_path):
         wandb_files.download_run("ent/proj/abc123", tmp_path / "dst", api=_FakeApi(tmp_path / "src"))
     with pytest.raises(ValueError, match="entity/project/run_id"):
         wandb_files.download_run("abc123", tmp_path / "dst", api=_FakeApi(tmp_path / "src"))
+
+
+def test_frontier_curves_start_lossless_and_follow_epsilon_down(pipeline_workdir, tmp_path):
+    """Each (draft, form) curve is the lossless row, then the form's rows by falling ε; a run without a frontier
+    gets no frontier figure."""
+    run = plots.load_run(pipeline_workdir)
+    for stage in plots.STAGES:
+        curves = plots._frontier_curves(run, stage)
+        assert set(curves) == {(1.0, "p_over_eps")}  # the pipeline's one sampled temperature and one form
+        rows = curves[(1.0, "p_over_eps")]
+        assert [(r["lenience"], r["epsilon"]) for r in rows] == [("lossless", 1.0), ("p_over_eps", 0.5)]
+        assert rows[1]["block_efficiency"] >= rows[0]["block_efficiency"] and rows[1]["law_tvd"] > 0
+    bare = _copy_run(pipeline_workdir, tmp_path / "bare", name="bare", divergence="jsd", scale=1.0)
+    res = json.loads((bare / "results.json").read_text())
+    del res["frontier"]
+    (bare / "results.json").write_text(json.dumps(res))
+    written = plots.write_all([str(bare)], str(tmp_path / "plots"))
+    assert not any("frontier" in os.path.basename(p) for p in written)
 
 
 def test_an_moe_run_gets_the_expert_union_speedup_panel(pipeline_workdir, tmp_path):
