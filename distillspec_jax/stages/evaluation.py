@@ -21,11 +21,11 @@ from distillspec_jax import generate as gen
 from distillspec_jax import lenience
 from distillspec_jax import sharding as shd
 from distillspec_jax import workdir as wd
-from distillspec_jax.data import pipeline
+from distillspec_jax.data import answers, pipeline
 from distillspec_jax.models import catalog, qwen3, qwen3_moe
 from distillspec_jax.progress import Progress
 from distillspec_jax.sampling import Sampler
-from distillspec_jax.stages.data import load_data
+from distillspec_jax.stages.data import DATA_DIR, EVAL_REFERENCES, load_data
 from distillspec_jax.stages.distill import distilled_draft
 from distillspec_jax.stages.prepare import Models
 
@@ -120,6 +120,7 @@ def frontier(c: ConfigDict, workdir: str, models: Models, draft: qwen3.Qwen3, me
     batches = eval_batches(c, workdir, mesh)
     gammas = [int(g) for g in c.eval.gammas]
     progress = Progress(stage, len(samplers) * len(gammas) * (1 + len(forms) * len(c.eval.epsilons)), unit="run")
+    score = answer_scorer(c, workdir, models)
     rows = []
     for i, sampler in samplers:
         rows += ev.lenience_frontier(
@@ -127,10 +128,28 @@ def frontier(c: ConfigDict, workdir: str, models: Models, draft: qwen3.Qwen3, me
             jax.random.fold_in(jax.random.key(c.seed), 100 + i),  # the γ sweep's key: the same continuations for α̂
             forms=forms, epsilons=[float(e) for e in c.eval.epsilons], eos_ids=models.eos_ids,
             runs=c.eval.timing_repeats, measure_time=c.eval.timing_repeats > 0,
-            reference=[r for r in sweep if r["temperature"] == sampler.temperature],
+            reference=[r for r in sweep if r["temperature"] == sampler.temperature], score=score,
             on_point=lambda g, form, eps, t=sampler.temperature: progress.update(note=f"T={t} γ={g} {form} ε={eps:g}"))
     progress.done()
     return rows
+
+
+def answer_scorer(c: ConfigDict, workdir: str, models: Models):
+    """score(batch_index, tokens_br, lengths_b) -> [correct per row] for a task with checkable answers (HumanEval
+    only with eval.execute_code), from the data stage's references; None otherwise."""
+    check = answers.check_for(c.data.task, c.eval.execute_code)
+    references = wd.read_json(wd.path(workdir, DATA_DIR, EVAL_REFERENCES)) if check else None
+    if references is None:
+        return None
+    eos = set(models.eos_ids)
+
+    def score(batch_index: int, tokens_br, lengths_b) -> list[bool]:
+        tokens, lengths = shd.to_host(tokens_br), shd.to_host(lengths_b)
+        start = batch_index * c.eval.batch_size
+        texts = [models.tokenizer.decode([int(t) for t in row[:n] if int(t) not in eos]) for row, n in zip(tokens, lengths)]
+        return check.correct(texts, references[start : start + len(texts)])
+
+    return score
 
 
 def _evaluate(state, draft: qwen3.Qwen3, stage: str) -> None:
