@@ -33,10 +33,12 @@ from typing import Any
 import numpy as np
 
 from distillspec_jax import files
-from distillspec_jax.data.generators import GENERATORS as REGISTERED_GENERATORS
+from distillspec_jax.data.generators import DISTILLSPEC_GENERATORS
 
 DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "adaspec")  # the grid's loss cells: a configs/<name>.py each
-GENERATORS = tuple(REGISTERED_GENERATORS)  # the grid's data cells: every registered generator
+# The grid's data cells: DistillSpec's four generators (the stored-teacher and serving regimes are the domain
+# study's, analysis/domain_study.py).
+GENERATORS = DISTILLSPEC_GENERATORS
 SEEDS = (0, 1, 2)
 SUPERVISED = "ce-fixed"  # the supervised baseline: cross-entropy on the dataset's responses
 BOOTSTRAP_SAMPLES = 2000  # resamples of the seeds for the 95% intervals
