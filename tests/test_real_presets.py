@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import pathlib
 import re
 import subprocess
@@ -21,7 +22,7 @@ import sys
 import numpy as np
 import pytest
 
-from configs import adaspec, fkl, jsd, rkl, tvd
+from configs import adaspec, blackbox, fkl, jsd, rkl, tvd
 from configs.common import REAL_PAIRS, STAGES
 from distillspec_jax import hub
 from distillspec_jax.data import sources
@@ -29,7 +30,7 @@ from distillspec_jax.models import convert
 from tests import fake_hub
 from tests.conftest import REPO, run_main
 
-DIVERGENCE_CONFIGS = {"jsd": jsd, "fkl": fkl, "rkl": rkl, "tvd": tvd, "adaspec": adaspec}
+DIVERGENCE_CONFIGS = {"jsd": jsd, "fkl": fkl, "rkl": rkl, "tvd": tvd, "adaspec": adaspec, "blackbox": blackbox}
 QWEN3_NUM_TOKENS = 151669  # the tokenizer's tokens; the embedding has 151936 rows
 GAMMAS = (1, 2)
 # Sizes only: what is computed (models, dtypes, remat, loss chunk, divergence, generator) stays the preset's.
@@ -44,8 +45,11 @@ UNTIMED = ("--config.eval.timing_repeats=0",)
 # Every real preset once and every divergence file once: a preset changes only the hub ids, a divergence
 # file only the loss, so the pairing covers both with five runs instead of 25. Ordered so that runs with
 # the same shapes (tied draft and untied target; then both tied) follow each other and share compilations.
-RUNS = [("jsd", ""), ("tvd", "0.6b-8b"), ("adaspec", "1.7b-32b"), ("fkl", "0.6b-1.7b"), ("rkl", "0.6b-4b"),
+RUNS = [("jsd", ""), ("tvd", "0.6b-8b"), ("adaspec", "1.7b-32b"), ("blackbox", "0.6b-1.7b"), ("rkl", "0.6b-4b"),
         ("jsd", "0.6b-30b-a3b"), ("fkl", "1.7b-235b-a22b")]
+# One run also draws the lossy frontier (one form, one ε) at the real vocabulary, with GSM8K's accuracy.
+LOSSY_PRESET = "0.6b-4b"
+LOSSY = ("--config.eval.lenience=p_over_eps", "--config.eval.epsilons=(0.5,)")
 # The runs share compiled programs (same shapes, same dtypes) through JAX's persistent cache, small ones too.
 JAX_ENV = {"JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
@@ -71,8 +75,8 @@ def _hub_embedding(snapshot: pathlib.Path) -> np.ndarray:
 
 def _run_offline(workdir, divergence: str, preset: str, hf_home: pathlib.Path, xla_cache: pathlib.Path):
     config = f"configs/{divergence}.py" + (f":{preset}" if preset else "")
-    return run_main(workdir, *SIZES, *(TIMED if not preset else UNTIMED), f"--config.compilation_cache={xla_cache}",
-                    config=config, env={**fake_hub.offline_env(hf_home), **JAX_ENV})
+    return run_main(workdir, *SIZES, *(TIMED if not preset else UNTIMED), *(LOSSY if preset == LOSSY_PRESET else ()),
+                    f"--config.compilation_cache={xla_cache}", config=config, env={**fake_hub.offline_env(hf_home), **JAX_ENV})
 
 
 def _check_run(workdir: pathlib.Path, stdout: str, divergence: str, preset: str, hf_home: pathlib.Path,
@@ -136,6 +140,17 @@ def _check_run(workdir: pathlib.Path, stdout: str, divergence: str, preset: str,
         assert "expert_union" not in res
     assert res["run"]["target"] == target_id and res["run"]["draft"] == draft_id
     assert res["run"]["divergence"] == c.distill.divergence and res["training"]["steps"] == 2
+    if preset == LOSSY_PRESET:  # the frontier at T = 1 per γ: the lossless row and p/ε at ε = 0.5, GSM8K scored
+        for when in ("before", "after"):
+            rows = res["frontier"][when]
+            assert {(r["gamma"], r["lenience"], r["epsilon"]) for r in rows} == {
+                (g, form, eps) for g in GAMMAS for form, eps in (("lossless", 1.0), ("p_over_eps", 0.5))}
+            assert all(r["task_scored"] == 2 and 0.0 <= r["task_accuracy"] <= 1.0 for r in rows)
+            assert all(r["law_tvd"] >= 0 and math.isfinite(r["log_likelihood"]) for r in rows)
+        references = json.loads((workdir / "data" / "eval_references.json").read_text())
+        assert len(references) == 2 and all(r["answer"] for r in references)
+    else:
+        assert "frontier" not in res
     assert "τ before" in stdout and "temperature 1" in stdout
     assert list((workdir / "plots").glob("*.png"))
     if c.distill.selection == "adaspec":
