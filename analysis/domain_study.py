@@ -3,6 +3,8 @@
 
     python -m analysis.domain_study --out=/tmp/domain              # every cell, 3 seeds (rerun to resume)
     python -m analysis.domain_study --out=/tmp/domain --aggregate  # only re-aggregate: domain_summary.json, domain_tables.md
+    python -m analysis.domain_study --plan --scale=0.6b-8b --topology=v5p-8  # the cells at a real pair: estimated
+                                                                              # chip-hours (the pre-flight's roofline)
 
 Cells, each an ordinary `experiment.run` workdir with the `:study` preset, FKL at loss temperature 1 unless named:
 
@@ -44,7 +46,11 @@ from distillspec_jax import files
 
 SEEDS = (0, 1, 2)
 DOMAINS = ("humaneval", "docstrings")
-DOCSTRINGS = dict(source="stdlib_docstrings", task="corpus", chat=False, max_prompt_len=96, pad_multiple=96)
+# Each domain's data settings over the preset's (the :study preset already reads HumanEval; a real pair reads
+# GSM8K by default, and its chat template stays on for HumanEval).
+DOMAIN_DATA = {"humaneval": dict(source="humaneval", name="", split="train", eval_split="", task="humaneval"),
+               "docstrings": dict(source="stdlib_docstrings", name="", split="train", eval_split="", task="corpus",
+                                  chat=False, max_prompt_len=96, pad_multiple=96)}
 FULL_TRAIN = 148  # training prompts of a domain: HumanEval's 164 less the 16 held out (the docstrings: the same)
 SCALING = (37, 74)  # smaller training sets for data scaling (the full set is the offline cell)
 
@@ -84,8 +90,7 @@ def cells() -> list[Cell]:
 
 
 def _domain(c, domain: str):
-    if domain == "docstrings":
-        c.data.update(DOCSTRINGS)
+    c.data.update(DOMAIN_DATA[domain])
     c.data.num_train_examples = FULL_TRAIN
     return c
 
@@ -149,6 +154,27 @@ def run_cross(out: str, preset: str, trained_on: str, evaluated_on: str, seed: i
     rows = stages.evaluation.speculative_sweep(c, base, models, draft, mesh,
                                                f"cross: {trained_on} draft on {evaluated_on}")
     files.write_json(path, {"trained_on": trained_on, "evaluated_on": evaluated_on, "seed": seed, "after": rows})
+
+
+def plan(scale: str, topology: str, seeds: Sequence[int], steps: int | None) -> dict[str, Any]:
+    """What run_grid would run with preset `scale` on TPU slice `topology`, each run with its roofline seconds
+    (`study.planned_seconds`: aot.run_seconds, lower bounds at 100% of peak, estimates) and chip-hours: per seed
+    and domain the base (target responses, the undistilled draft's evaluation), per cell its own data stage
+    where it has one (stored logits, synthetic prompts, fewer rows; the synthetic queries' own generation is
+    not counted), distillation (with serving, the served requests) and evaluation, and the cross evaluations."""
+    rows = []
+    for seed in seeds:
+        for domain in DOMAINS:
+            t = study.planned_seconds(base_config(scale, domain, seed, "", steps), topology, FULL_TRAIN)
+            rows.append({"name": _base_name(domain, seed), "seconds": t["data_s"] + t["eval_s"], "mesh": t["mesh"]})
+        for cell in cells():
+            t = study.planned_seconds(cell_config(scale, cell, seed, "", steps), topology, cell.train_examples)
+            data_s = 0.0 if cell.shares_base_data else t["data_s"]
+            rows.append({"name": f"{cell.name}-s{seed}", "seconds": data_s + t["distill_s"] + t["eval_s"],
+                         "mesh": t["mesh"], "distill_step_s": t["distill_step_s"]})
+            if cell.label == "offline":  # decoded on the other domain too
+                rows.append({"name": f"cross/{cell.name}-s{seed}", "seconds": t["eval_s"], "mesh": t["mesh"]})
+    return study.plan_summary(scale, topology, rows, FULL_TRAIN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,13 +355,21 @@ def format_tables(summary: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="study folder (resumed when it exists)")
+    parser.add_argument("--out", help="study folder (resumed when it exists); not needed with --plan")
     parser.add_argument("--preset", default="study", help="config preset of every cell: study (default) | test")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--steps", type=int, default=None, help="override distill.steps of every cell")
     parser.add_argument("--aggregate", action="store_true", help="only aggregate finished cells")
+    parser.add_argument("--plan", action="store_true", help="print the cells and their estimated chip-hours; run nothing")
+    parser.add_argument("--scale", default="", help="with --plan: a real preset (0.6b-8b, 1.7b-32b, ...)")
+    parser.add_argument("--topology", default="v5p-8", help="with --plan: the TPU slice (v5p-8, v5e-16, ...)")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    if args.plan:
+        print(study.format_plan(plan(args.scale, args.topology, seeds, args.steps)))
+        return 0
+    if not args.out:
+        parser.error("--out is required (except with --plan)")
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     if not args.aggregate:

@@ -160,21 +160,8 @@ def plan(scale: str, topology: str, divergences: Sequence[str], generators: Sequ
     transfer evaluations; each with its roofline seconds (distillspec_jax.aot.run_seconds: lower bounds at
     100% of peak, estimates) and chip-hours. A config whose weights do not fit the slice's default mesh is
     planned on the mesh the pre-flight's cheap estimate names."""
-    from distillspec_jax import aot, tpu_topology
-
-    slice_ = tpu_topology.topology(topology)
-    kind, chips = slice_.device_kind, slice_.chips
-
-    def seconds(c) -> dict[str, float]:
-        mesh = None
-        if not aot.estimate_fit(c, kind, chips).fits:
-            mesh = aot.fitting_mesh(c, kind, chips)
-            if mesh is None:
-                raise ValueError(f"preset {scale!r} does not fit {topology} on any mesh (cheap estimate)")
-            c.mesh.update(mesh)
-        return {**aot.run_seconds(c, kind, chips, train_examples=train_examples, alpha=ASSUMED_ALPHA),
-                "mesh": dict(zip(("data", "fsdp", "tensor"), aot.shd.mesh_sizes(c.mesh.data, c.mesh.fsdp,
-                                                                                  c.mesh.tensor, chips)))}
+    def seconds(c) -> dict[str, Any]:
+        return planned_seconds(c, topology, train_examples)
 
     cells = [(d, g) for d in divergences for g in generators] + ([("ce", "fixed")] if supervised else [])
     rows = []
@@ -190,9 +177,35 @@ def plan(scale: str, topology: str, divergences: Sequence[str], generators: Sequ
             t = seconds(cell_config(scale, *TRANSFER_CELL, seed, "", steps))
             rows.append({"name": f"transfer/{cell_name(*TRANSFER_CELL, seed)}", "seconds": 2 * t["eval_s"],
                          "mesh": t["mesh"]})
+    return plan_summary(scale, topology, rows, train_examples)
+
+
+def planned_seconds(c, topology: str, train_examples: int) -> dict[str, Any]:
+    """aot.run_seconds of one cell's config on TPU slice `topology` (estimates), with the mesh it is planned on:
+    the config's own, or, when its weights do not fit, the one the pre-flight's cheap estimate names."""
+    from distillspec_jax import aot, tpu_topology
+
+    slice_ = tpu_topology.topology(topology)
+    kind, chips = slice_.device_kind, slice_.chips
+    if not aot.estimate_fit(c, kind, chips).fits:
+        mesh = aot.fitting_mesh(c, kind, chips)
+        if mesh is None:
+            raise ValueError(f"{c.target.model} with {c.draft.model} does not fit {topology} on any mesh "
+                             "(cheap estimate)")
+        c.mesh.update(mesh)
+    return {**aot.run_seconds(c, kind, chips, train_examples=train_examples, alpha=ASSUMED_ALPHA),
+            "mesh": dict(zip(("data", "fsdp", "tensor"), aot.shd.mesh_sizes(c.mesh.data, c.mesh.fsdp, c.mesh.tensor,
+                                                                              chips)))}
+
+
+def plan_summary(scale: str, topology: str, rows: list[dict[str, Any]], train_examples: int) -> dict[str, Any]:
+    """A plan's rows ({'name', 'seconds', 'mesh'}) with chip-hours and totals, as format_plan prints them."""
+    from distillspec_jax import tpu_topology
+
+    slice_ = tpu_topology.topology(topology)
     for row in rows:
-        row["chip_hours"] = row["seconds"] * chips / 3600
-    return {"scale": scale, "topology": topology, "chips": chips, "device_kind": kind,
+        row["chip_hours"] = row["seconds"] * slice_.chips / 3600
+    return {"scale": scale, "topology": topology, "chips": slice_.chips, "device_kind": slice_.device_kind,
             "assumed_alpha": ASSUMED_ALPHA, "train_examples": train_examples, "cells": rows,
             "total_hours": sum(r["seconds"] for r in rows) / 3600,
             "total_chip_hours": sum(r["chip_hours"] for r in rows),

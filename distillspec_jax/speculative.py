@@ -83,9 +83,10 @@ def lossless_residual(p_bv: jax.Array, q_bv: jax.Array) -> jax.Array:
     return jnp.maximum(p_bv - q_bv, 0.0)
 
 
-# Name -> rule. "lossless" (Leviathan et al.; Chen et al.) is the one production rule and the default;
-# a lenient (lossy) rule of DistillSpec §5 would be another entry. Tests register deliberately wrong rules
-# to show that the lossless-sampling test has power; they are not part of this module.
+# Name -> rule. "lossless" (Leviathan et al.; Chen et al.) is the one production rule and the default; the
+# lossy rules of DistillSpec §5 keep it and relax the p(x) it tests (`lenience=`, forms in lenience.py). Tests
+# register deliberately wrong rules to show that the lossless-sampling test has power; they are not part of
+# this module.
 ACCEPTANCE_RULES: dict[str, AcceptanceRule] = {"lossless": AcceptanceRule(lossless_accept, lossless_residual)}
 
 

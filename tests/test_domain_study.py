@@ -107,3 +107,16 @@ def test_a_half_finished_study_aggregates_what_it_has(study_dir):
     shutil.rmtree(study_dir / "cells")
     with pytest.raises(FileNotFoundError, match="no finished cells"):
         ds.aggregate(str(study_dir), SEEDS)
+
+
+def test_plan_at_a_real_pair_prices_each_regime():
+    """--plan: every run of the grid at 0.6B -> 8B on v5p-8, from the pre-flight's roofline. A stored or served
+    teacher takes no target forward in the step; serving pays for the requests it decodes."""
+    p = ds.plan("0.6b-8b", "v5p-8", (0,), steps=None)
+    names = [r["name"] for r in p["cells"]]
+    assert names[:2] == ["base-humaneval-s0", "base-docstrings-s0"] and len(names) == 2 + len(ds.cells()) + 2
+    by = {r["name"]: r for r in p["cells"]}
+    online, offline, serving = (by[f"humaneval-{x}-s0"] for x in ("online", "offline", "serving"))
+    assert offline["distill_step_s"] < online["distill_step_s"] and serving["distill_step_s"] == offline["distill_step_s"]
+    assert serving["seconds"] > offline["seconds"] and p["total_chip_hours"] > 0
+    assert "estimates" in p["label"]
