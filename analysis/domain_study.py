@@ -30,7 +30,6 @@ undistilled draft's evaluation), cells/{domain}-{cell}-s{seed}/, cross/{domain}-
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -354,15 +353,7 @@ def format_tables(summary: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", help="study folder (resumed when it exists); not needed with --plan")
-    parser.add_argument("--preset", default="study", help="config preset of every cell: study (default) | test")
-    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    parser.add_argument("--steps", type=int, default=None, help="override distill.steps of every cell")
-    parser.add_argument("--aggregate", action="store_true", help="only aggregate finished cells")
-    parser.add_argument("--plan", action="store_true", help="print the cells and their estimated chip-hours; run nothing")
-    parser.add_argument("--scale", default="", help="with --plan: a real preset (0.6b-8b, 1.7b-32b, ...)")
-    parser.add_argument("--topology", default="v5p-8", help="with --plan: the TPU slice (v5p-8, v5e-16, ...)")
+    parser = study.study_arguments(__doc__.split("\n")[0], SEEDS)
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     if args.plan:

@@ -508,20 +508,26 @@ def plot(summary: dict[str, Any], path: str, gamma: int | None = None) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def study_arguments(description: str, seeds: Sequence[int] = SEEDS) -> argparse.ArgumentParser:
+    """The command line every study shares: where, which preset and seeds, how long, aggregate only, or plan."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", help="study folder (resumed when it exists); not needed with --plan")
     parser.add_argument("--preset", default="study", help="config preset of every cell: study (default) | test")
-    parser.add_argument("--divergences", default=",".join(DIVERGENCES))
-    parser.add_argument("--generators", default=",".join(GENERATORS))
-    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--seeds", default=",".join(map(str, seeds)))
     parser.add_argument("--steps", type=int, default=None, help="override distill.steps of every cell")
-    parser.add_argument("--no_supervised", action="store_true", help="skip the cross-entropy baseline")
-    parser.add_argument("--no_transfer", action="store_true", help="skip the held-out-domain evaluation")
     parser.add_argument("--aggregate", action="store_true", help="only aggregate finished cells")
     parser.add_argument("--plan", action="store_true", help="print the cells and their estimated chip-hours; run nothing")
     parser.add_argument("--scale", default="", help="with --plan: a real preset (0.6b-8b, 1.7b-32b, ...)")
     parser.add_argument("--topology", default="v5p-8", help="with --plan: the TPU slice (v5p-8, v5e-16, ...)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = study_arguments(__doc__.split("\n")[0])
+    parser.add_argument("--divergences", default=",".join(DIVERGENCES))
+    parser.add_argument("--generators", default=",".join(GENERATORS))
+    parser.add_argument("--no_supervised", action="store_true", help="skip the cross-entropy baseline")
+    parser.add_argument("--no_transfer", action="store_true", help="skip the held-out-domain evaluation")
     args = parser.parse_args(argv)
     divergences = [d for d in args.divergences.split(",") if d]
     generators = [g for g in args.generators.split(",") if g]

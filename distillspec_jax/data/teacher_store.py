@@ -121,19 +121,16 @@ def check_compatible(meta: StoreMeta, directory: epath.Path, *, k: int, real_voc
                      temperature: float, hosts: int) -> None:
     """Refuses stored outputs that do not belong to this run, naming what differs and the fix."""
     fix = "rerun the data stage for this configuration (delete data/ or run in a new workdir)"
-    wrong = []
-    if meta.format != FORMAT:
-        wrong.append(f"format {meta.format} (this code reads {FORMAT})")
-    if meta.real_vocab_size != real_vocab_size:
-        wrong.append(f"a vocabulary of {meta.real_vocab_size} ids (the draft has {real_vocab_size})")
-    if meta.tokenizer != tokenizer:
-        wrong.append(f"tokenizer {meta.tokenizer} (this run's is {tokenizer})")
-    if meta.k != k:
-        wrong.append(f"k={meta.k} ids per position (generator.logits_k={k})")
-    if meta.temperature != temperature:
-        wrong.append(f"temperature {meta.temperature} (distill.temperature={temperature})")
-    if meta.hosts != hosts:
-        wrong.append(f"{meta.hosts} shards, one per writing host (this run has {hosts} hosts)")
+    expected = [  # (stored, this run's, how a difference reads)
+        (meta.format, FORMAT, f"format {meta.format} (this code reads {FORMAT})"),
+        (meta.real_vocab_size, real_vocab_size, f"a vocabulary of {meta.real_vocab_size} ids (the draft has "
+                                                f"{real_vocab_size})"),
+        (meta.tokenizer, tokenizer, f"tokenizer {meta.tokenizer} (this run's is {tokenizer})"),
+        (meta.k, k, f"k={meta.k} ids per position (generator.logits_k={k})"),
+        (meta.temperature, temperature, f"temperature {meta.temperature} (distill.temperature={temperature})"),
+        (meta.hosts, hosts, f"{meta.hosts} shards, one per writing host (this run has {hosts} hosts)"),
+    ]
+    wrong = [why for stored, ours, why in expected if stored != ours]
     if wrong:
         raise ValueError(f"the stored teacher outputs in {directory} have " + "; ".join(wrong) + f": {fix}")
 
