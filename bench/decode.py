@@ -22,6 +22,7 @@ Per batch size B, with T prompt tokens and N new tokens (greedy, no EOS, so ever
 from __future__ import annotations
 
 import argparse
+import bisect
 import os
 import tempfile
 from typing import Any
@@ -59,7 +60,8 @@ def jax_decode(model: qwen3.Qwen3, prompts: np.ndarray, lens: np.ndarray, new_to
     lengths = np.asarray(out.lengths)
     if not np.all(lengths == new_tokens):
         raise RuntimeError(f"generate stopped early: lengths {lengths}")
-    step_s = ev.decode_step_seconds(model, batch, cache_len, runs)
+    # One step at the mean context (rounded down): attention reads the window that holds it.
+    step_s = ev.decode_step_seconds(model, batch, cache_len, runs, context=int(prompt_len + (new_tokens - 1) / 2))
     return {
         "time_s": full_s, "first_call_s": first_s, "prefill_and_one_step_s": one_s,
         "tokens_per_s": batch * new_tokens / full_s, "ms_per_token": 1e3 * full_s / new_tokens,
@@ -75,13 +77,15 @@ def roofline(cfg: qwen3.Qwen3Config, batch: int, prompt_len: int, new_tokens: in
     step_bytes = common.decode_step_bytes(cfg, batch, context)
     step_flops = batch * common.forward_flops_per_token(cfg, context)
     memory_s, compute_s = step_bytes / bandwidth, step_flops / peak
-    # What our attention reads: every slot of the cache (masked), not only the valid context.
+    # What our attention reads: the window (`qwen3.cache_windows`) holding each step's rows, averaged over the steps.
     cache_len = decoding.required_cache_len(prompt_len, new_tokens)
+    windows = qwen3.cache_windows(cache_len)
+    read_slots = np.mean([windows[bisect.bisect_left(windows, prompt_len + i)] for i in range(new_tokens)])
     return {
         "mean_context": context, "step_bytes": step_bytes, "step_flops": step_flops,
         "weight_bytes": common.matmul_params(cfg) * common.dtype_bytes(cfg.param_dtype),
         "kv_bytes_mean": batch * context * common.kv_bytes_per_token(cfg),
-        "kv_bytes_read_by_implementation": batch * cache_len * common.kv_bytes_per_token(cfg),
+        "kv_bytes_read_by_implementation": batch * read_slots * common.kv_bytes_per_token(cfg),
         "ideal_step_ms_memory": 1e3 * memory_s, "ideal_step_ms_compute": 1e3 * compute_s,
         "ideal_step_ms": 1e3 * max(memory_s, compute_s),
         "bound": "memory" if memory_s >= compute_s else "compute",

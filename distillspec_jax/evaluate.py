@@ -86,8 +86,8 @@ def median_seconds(fn: Callable[[], Any], runs: int = TIMING_RUNS, warmup: int =
 def _decode_steps(graphdef, state, cache: qwen3.KVCache, first_b: jax.Array, *, steps: int,
                   tokens_per_step: int) -> jax.Array:
     """`steps` cached decode steps of `tokens_per_step` tokens each, feeding the argmax back (so no step is dead
-    code). Every step starts at the same cache length: attention reads all S slots whatever the length, so the
-    cost is that of a step at any position, and the cache never runs out."""
+    code). Every step starts at the cache's given lengths, so each costs a step at that context (attention reads
+    the window that holds it) and the cache never runs out."""
     model = nnx.merge(graphdef, state)
 
     def one(_, carry):
@@ -101,13 +101,17 @@ def _decode_steps(graphdef, state, cache: qwen3.KVCache, first_b: jax.Array, *, 
 
 
 def decode_step_seconds(model: qwen3.Qwen3, batch: int, cache_len: int, runs: int = TIMING_RUNS,
-                        steps: int = STEPS_PER_TIMING, tokens_per_step: int = 1) -> float:
+                        steps: int = STEPS_PER_TIMING, tokens_per_step: int = 1, context: int | None = None) -> float:
     """Median wall seconds of one cached decode step of `tokens_per_step` tokens (1: a decode step; γ + 1: the
-    target's verification call) at batch `batch` with a `cache_len`-slot cache."""
+    target's verification call) at batch `batch` with a `cache_len`-slot cache, every row holding `context`
+    tokens before the step (default: cache_len − tokens_per_step, the cache full after the step)."""
     if not 1 <= tokens_per_step <= cache_len:
         raise ValueError(f"tokens_per_step={tokens_per_step} must be in [1, cache_len={cache_len}]")
+    context = cache_len - tokens_per_step if context is None else context
+    if not 0 <= context <= cache_len - tokens_per_step:
+        raise ValueError(f"context={context} must be in [0, cache_len - tokens_per_step = {cache_len - tokens_per_step}]")
     graphdef, state = nnx.split(model)
-    cache = qwen3.KVCache.init(model.cfg, batch, cache_len)
+    cache = qwen3.KVCache.init(model.cfg, batch, cache_len).with_lengths(jnp.full((batch,), context))
     first_b = jnp.zeros((batch,), jnp.int32)
     seconds, _ = median_seconds(
         lambda: _decode_steps(graphdef, state, cache, first_b, steps=steps, tokens_per_step=tokens_per_step), runs=runs)

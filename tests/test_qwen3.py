@@ -1,9 +1,11 @@
 """The Flax Qwen3 computes what transformers' PyTorch Qwen3 computes: one pass, cached decode, ragged batches."""
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from distillspec_jax.models import catalog, convert, qwen3
 from tests.tiny import TINY_BASE, TINY_CASES, hf_logits, hf_qwen3
@@ -146,3 +148,49 @@ def test_real_qwen3_0_6b_shape_matches_hf(tmp_path):
     err = np.abs(np.asarray(model(jnp.asarray(tokens))) - ref).max()
     print(f"parity Qwen3-0.6B shape: max|dlogit|={err:.2e}")
     assert err <= ATOL
+
+
+def test_cache_windows_bound_the_slots_a_step_reads():
+    """Windows ascend, end at the capacity, and the one `window_index` picks is the smallest that holds the longest
+    row after the step, with at most max(block, overhead · window) slots beyond it."""
+    for max_len, block in [(4096, 128), (300, 128), (100, 128), (40960, 128), (50, 4)]:
+        windows = qwen3.cache_windows(max_len, block)
+        assert windows[-1] == max_len and list(windows) == sorted(set(windows))
+        for needed in range(1, max_len + 1, max(1, max_len // 97)):
+            index = int(qwen3.window_index(windows, jnp.array([needed - 1, 0]), 1))
+            window = windows[index]
+            assert window >= needed and (index == 0 or windows[index - 1] < needed)
+            assert window - needed < max(block, qwen3.WINDOW_OVERHEAD * window)
+
+
+@pytest.mark.parametrize("tokens_per_step", range(1, 9))  # a decode step (1) and the verify call of every γ <= 7
+def test_attention_over_the_live_cache_equals_the_whole_cache(tokens_per_step):
+    """A step that reads only the window holding its rows gives the logits of the plain definition that reads
+    every slot, for ragged rows and after a rollback that leaves stale entries behind (small blocks, so the rows
+    cross several windows)."""
+    cfg = qwen3.Qwen3Config(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    model, max_len = qwen3.init_model(cfg, seed=3), 48
+    windows = qwen3.cache_windows(max_len, block=4)
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def step(tokens_bt, cache, windows):
+        return nnx.merge(graphdef, state).step(tokens_bt, cache, windows=windows)
+
+    assert len(windows) > 5
+    seqs = jnp.asarray(_tokens(3, max_len, seed=tokens_per_step, vocab=61))
+    lens = jnp.array([1, 9, 17])  # ragged rows; the prefill writes garbage (the rest of the row) past each length
+    cache = qwen3.KVCache.init(cfg, batch=3, max_len=max_len)
+    _, cache = step(seqs[:, :24], cache, (max_len,))
+    cache = cache.with_lengths(lens)
+    for i in range(3):
+        new = jax.lax.dynamic_slice_in_dim(seqs, 24 + i * tokens_per_step, tokens_per_step, axis=1)
+        live, live_cache = step(new, cache, windows)
+        whole, whole_cache = step(new, cache, (max_len,))
+        np.testing.assert_allclose(np.asarray(live), np.asarray(whole), atol=1e-6, rtol=0)
+        np.testing.assert_allclose(np.asarray(live_cache.k), np.asarray(whole_cache.k), atol=1e-6, rtol=0)
+        # roll back all but one of the new tokens (as after rejected drafts), so stale entries lie past each length
+        cache = live_cache.with_lengths(cache.lengths + 1)
+    # the step read fewer windows than the capacity: the smallest holding the longest row
+    assert windows[int(qwen3.window_index(windows, cache.lengths, tokens_per_step))] < max_len

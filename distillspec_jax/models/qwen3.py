@@ -10,6 +10,7 @@ formed from logits (vocabulary padding mask, temperature, filters) belongs to `s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import Any, ClassVar, NamedTuple
 
@@ -149,10 +150,12 @@ PRESETS: dict[str, Qwen3Config] = {
 class KVCache(NamedTuple):
     """Keys and values of every layer, stacked, plus the number of valid entries of each row.
 
-    k, v: [L, B, S, K, H] in the compute dtype. lengths: [B] int32, tokens already cached per row.
+    k, v: [L, B, K, S, H] in the compute dtype. lengths: [B] int32, tokens already cached per row.
     A step of T tokens writes them at slots lengths[b] .. lengths[b] + T - 1 of row b, in every layer.
     Rolling back rejected draft tokens only lowers `lengths`: stale slots are masked and later overwritten.
     One stacked array per kind (not one per layer) is what the scan over layers carries and updates in place.
+    S is next to H, the order both attention products read (keys contract H, values contract S), so that no
+    step relays out the cache (on CPU the [L, B, S, K, H] order cost a copy of every layer's cache per step).
     """
 
     k: jax.Array
@@ -161,26 +164,59 @@ class KVCache(NamedTuple):
 
     @classmethod
     def init(cls, cfg: Qwen3Config, batch: int, max_len: int) -> KVCache:
-        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         dtype = resolve_dtype(cfg.dtype)
         # Two distinct buffers so that donation and in-place updates never alias.
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     def with_lengths(self, lengths: jax.Array) -> KVCache:
         return self._replace(lengths=lengths.astype(jnp.int32))
 
 
-def _write_rows(cache_lbskh: jax.Array, layer: jax.Array, new_btkh: jax.Array, start_b: jax.Array) -> jax.Array:
-    """Writes each row's T new entries of one layer at the row's own start slot (a per-row
-    dynamic_update_slice into the stacked cache, which XLA performs in place on the scan's carry)."""
-    def one_row(cache_lskh, new_tkh, start):
-        return jax.lax.dynamic_update_slice(cache_lskh, new_tkh[None], (layer, start, 0, 0))
+def _write_rows(cache_lbksh: jax.Array, layer: jax.Array, new_btkh: jax.Array, start_b: jax.Array) -> jax.Array:
+    """Writes each row's T new entries of one layer at the row's own start slot: one dynamic_update_slice per row
+    into the stacked cache, which XLA performs in place on the scan's carry. (A vmap of them moved the batch axis
+    first, and XLA then copied every layer's whole cache twice per step to transpose it; a scatter is in place
+    too, but XLA's cost analysis counts its whole operand.)"""
+    new_bksh = jnp.swapaxes(new_btkh, 1, 2).astype(cache_lbksh.dtype)
+    zero = jnp.zeros((), jnp.int32)
+    for b in range(new_bksh.shape[0]):
+        cache_lbksh = jax.lax.dynamic_update_slice(cache_lbksh, new_bksh[b][None, None],
+                                                   (layer, jnp.int32(b), zero, start_b[b], zero))
+    return cache_lbksh
 
-    return jax.vmap(one_row, in_axes=(1, 0, 0), out_axes=1)(cache_lbskh, new_btkh.astype(cache_lbskh.dtype), start_b)
+
+ATTENTION_BLOCK = 128  # cache slots per block of the windows a cached step's attention may read (`cache_windows`)
+WINDOW_OVERHEAD = 1 / 8  # the most a window's spacing adds to the slots it must read, as a fraction of the window
+
+
+def cache_windows(max_len: int, block: int = ATTENTION_BLOCK, overhead: float = WINDOW_OVERHEAD) -> tuple[int, ...]:
+    """The numbers of leading cache slots a cached step's attention may read, ascending, ending at `max_len`.
+
+    A step reads the smallest window that holds its longest row (`window_index`), so its attention costs the live
+    context plus at most max(block, overhead · window) slots per row, whatever the cache's capacity. Windows are
+    multiples of `block` spaced by the largest multiple of it within `overhead` of the window, so there are
+    O(log(max_len / block) / overhead) of them: each is one branch of a small `lax.switch`, compiled once.
+    """
+    if block < 1 or max_len < 1:
+        raise ValueError(f"block={block} and max_len={max_len} must be >= 1")
+    windows, window = [], block
+    while window < max_len:
+        windows.append(window)
+        window += block * max(1, int(window * overhead) // block)
+    return (*windows, max_len)
+
+
+def window_index(windows: tuple[int, ...], lengths_b: jax.Array, new_tokens: int) -> jax.Array:
+    """Index of the smallest of `windows` that holds every row after it writes `new_tokens` more (the last window,
+    the whole cache, if none does: callers guarantee it fits)."""
+    needed = jnp.max(lengths_b) + new_tokens
+    index = jnp.searchsorted(jnp.asarray(windows, jnp.int32), needed.astype(jnp.int32), side="left")
+    return jnp.minimum(index, len(windows) - 1).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,20 +261,50 @@ def apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax
     return out.astype(x_btnh.dtype)
 
 
-def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array) -> jax.Array:
+def attend(q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array, mask_bts: jax.Array) -> jax.Array:
     """Grouped-query softmax attention with scores and softmax in float32. Returns o: [B, T, N, H].
 
-    Query head n reads kv head n // G, the same grouping as HF's repeat_kv.
+    The definition every attention path is tested against. Query head n reads kv head n // G, the same grouping
+    as HF's repeat_kv.
     """
     b, t, n, h = q_btnh.shape
-    k = k_bskh.shape[2]
+    k = k_bksh.shape[1]
     q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-    scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32)
+    scores_bkgts = jnp.einsum("btkgh,bksh->bkgts", q_btkgh, k_bksh, preferred_element_type=jnp.float32)
     scores_bkgts = scores_bkgts * (h**-0.5)
     scores_bkgts = jnp.where(mask_bts[:, None, None, :, :], scores_bkgts, MASK_VALUE)
-    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskh.dtype)
-    o_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
+    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bksh.dtype)
+    o_btkgh = jnp.einsum("bkgts,bksh->btkgh", probs_bkgts, v_bksh)
     return o_btkgh.reshape(b, t, n, h)
+
+
+def attend_positions(q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array, positions_bt: jax.Array) -> jax.Array:
+    """`attend` of the queries at `positions_bt` over keys whose slot s holds position s: one rule covers
+    causality, stale cache slots beyond a row's length and right padding."""
+    key_positions_s = jnp.arange(k_bksh.shape[2])
+    mask_bts = key_positions_s[None, None, :] <= positions_bt[:, :, None]
+    return attend(q_btnh, k_bksh.astype(q_btnh.dtype), v_bksh.astype(q_btnh.dtype), mask_bts)
+
+
+def attend_cache(q_btnh: jax.Array, k_lbksh: jax.Array, v_lbksh: jax.Array, layer: jax.Array,
+                 positions_bt: jax.Array, windows: tuple[int, ...], index: jax.Array) -> jax.Array:
+    """`attend_positions` over layer `layer` of the stacked cache, reading only its first windows[index] slots.
+
+    Slots past a row's position are masked in any window, so every window that holds the longest row gives the
+    same result as the whole cache (the tested definition); the switch picks the smallest, which bounds a step's
+    cache reads by the live rows rather than the capacity.
+    """
+    _, b, k, _, h = k_lbksh.shape
+
+    def read(window: int, q_btnh, k_lbksh, v_lbksh):
+        keys_bksh = jax.lax.dynamic_slice(k_lbksh, (layer, 0, 0, 0, 0), (1, b, k, window, h))[0]
+        values_bksh = jax.lax.dynamic_slice(v_lbksh, (layer, 0, 0, 0, 0), (1, b, k, window, h))[0]
+        return attend_positions(q_btnh, keys_bksh, values_bksh, positions_bt)
+
+    branches = [functools.partial(read, window) for window in windows]
+    if len(branches) == 1:
+        return branches[0](q_btnh, k_lbksh, v_lbksh)
+    return jax.lax.switch(index, branches, q_btnh, k_lbksh, v_lbksh)
 
 
 class Attention(nnx.Module):
@@ -263,15 +329,12 @@ class Attention(nnx.Module):
         cos_bth, sin_bth = rope
         return apply_rope(q_btnh, cos_bth, sin_bth), apply_rope(k_btkh, cos_bth, sin_bth), v_btkh
 
-    def output(self, q_btnh: jax.Array, keys_bskh: jax.Array, values_bskh: jax.Array,
-               positions_bt: jax.Array) -> jax.Array:
-        """Attention of the queries at `positions_bt` over keys whose slot s holds position s, then o_proj."""
-        dt = q_btnh.dtype
-        key_positions_s = jnp.arange(keys_bskh.shape[1])
-        # Slot s holds position s, so one rule covers causality, stale cache slots and right padding.
-        mask_bts = key_positions_s[None, None, :] <= positions_bt[:, :, None]
-        o_btnh = attend(q_btnh, keys_bskh.astype(dt), values_bskh.astype(dt), mask_bts)
-        return jnp.einsum("btnh,nhd->btd", o_btnh, self.o_proj[...].astype(dt))
+    def out_proj(self, o_btnh: jax.Array) -> jax.Array:
+        """o_proj over the heads, as one [N·H, D] matrix (E = N·H; the reshape is free) so that no step relays out
+        the weight to contract two axes."""
+        n, h, d = self.o_proj.shape
+        w_ed = self.o_proj[...].reshape(n * h, d).astype(o_btnh.dtype)
+        return jnp.einsum("bte,ed->btd", o_btnh.reshape(*o_btnh.shape[:2], n * h), w_ed)
 
 
 class MLP(nnx.Module):
@@ -300,18 +363,22 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt, "norm")
         self.mlp = cfg.make_mlp(kind, rngs)
 
-    def __call__(self, x_btd, positions_bt, rope, cache: KVCache | None, layer: jax.Array | None):
+    def __call__(self, x_btd, positions_bt, rope, cache: KVCache | None, layer: jax.Array | None,
+                 windows: tuple[int, ...] = (), window: jax.Array | None = None):
         """One layer. With a cache, the new keys and values are written into layer `layer` of the stacked
-        cache before attention reads it; returns (x_btd, (k, v) of the updated stacked cache or None, the
-        normed input of the MLP [B, T, D], which analyses of the routing read and everything else drops)."""
+        cache before attention reads its first windows[window] slots (`attend_cache`); returns (x_btd, (k, v) of
+        the updated stacked cache or None, the normed input of the MLP [B, T, D], which analyses of the routing
+        read and everything else drops)."""
         q_btnh, k_btkh, v_btkh = self.attn.project(self.attn_norm(x_btd), rope)
         if cache is None:
-            keys_bskh, values_bskh, new_kv = k_btkh, v_btkh, None
+            new_kv = None
+            o_btnh = attend_positions(q_btnh, jnp.swapaxes(k_btkh, 1, 2), jnp.swapaxes(v_btkh, 1, 2), positions_bt)
         else:
-            k_lbskh = _write_rows(cache.k, layer, k_btkh, cache.lengths)
-            v_lbskh = _write_rows(cache.v, layer, v_btkh, cache.lengths)
-            keys_bskh, values_bskh, new_kv = k_lbskh[layer], v_lbskh[layer], (k_lbskh, v_lbskh)
-        x_btd = x_btd + self.attn.output(q_btnh, keys_bskh, values_bskh, positions_bt)
+            k_lbksh = _write_rows(cache.k, layer, k_btkh, cache.lengths)
+            v_lbksh = _write_rows(cache.v, layer, v_btkh, cache.lengths)
+            new_kv = (k_lbksh, v_lbksh)
+            o_btnh = attend_cache(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, windows, window)
+        x_btd = x_btd + self.attn.out_proj(o_btnh)
         mlp_in_btd = self.mlp_norm(x_btd)
         return x_btd + self.mlp(mlp_in_btd), new_kv, mlp_in_btd
 
@@ -379,13 +446,20 @@ class Qwen3(nnx.Module):
             self.lm_head = nnx.Param(normal_init(rngs, (cfg.hidden_size, cfg.vocab_size), pdt), axes=("embed", "vocab"))
 
     def _decoder(self, tokens_bt, positions_bt, cache: KVCache | None, remat: bool = False,
-                 mlp_inputs: bool = False):
+                 mlp_inputs: bool = False, windows: tuple[int, ...] | None = None, unroll: bool = False):
         """(final-norm hidden states, the advanced cache or None, per run of layers its MLPs' inputs
-        [L_run, B, T, D] when `mlp_inputs`, else None)."""
+        [L_run, B, T, D] when `mlp_inputs`, else None). With a cache, attention reads the smallest of `windows`
+        (default: `cache_windows` of the cache) that holds the longest row. `unroll` lays the layers out one
+        after another instead of a loop."""
         dt = resolve_dtype(self.cfg.dtype)
         x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
         rope = rope_tables(positions_bt, self.cfg.head_dim, self.cfg.rope_theta)
         kv = None if cache is None else (cache.k, cache.v)
+        if cache is not None:
+            windows = cache_windows(cache.max_len) if windows is None else windows
+            window = window_index(windows, cache.lengths, tokens_bt.shape[1])
+        else:
+            windows, window = (), None
         runs_mlp_in = []
         for start, kinds in layer_runs(self.cfg):
             layer_graphdef, layer_state = nnx.split(getattr(self, run_name(start)))
@@ -395,14 +469,14 @@ class Qwen3(nnx.Module):
                 state_l, layer = xs
                 layer_cache = None if kv is None else KVCache(kv[0], kv[1], cache.lengths)
                 x_btd, kv, mlp_in_btd = nnx.merge(layer_graphdef, state_l)(x_btd, positions_bt, rope, layer_cache,
-                                                                           layer)
+                                                                           layer, windows, window)
                 return (x_btd, kv), (mlp_in_btd if mlp_inputs else None)
 
             if remat:  # training only: keep one [B, T, D] residual per layer, recompute the rest backwards
                 one_layer = jax.checkpoint(one_layer, prevent_cse=False)  # inside scan, CSE cannot undo it
             # The global index of each layer of the run: its slot in the stacked [L, ...] cache.
             layers_l = jnp.arange(start, start + len(kinds), dtype=jnp.int32)
-            (x_btd, kv), mlp_in_lbtd = jax.lax.scan(one_layer, (x_btd, kv), (layer_state, layers_l))
+            (x_btd, kv), mlp_in_lbtd = jax.lax.scan(one_layer, (x_btd, kv), (layer_state, layers_l), unroll=unroll)
             runs_mlp_in.append(mlp_in_lbtd)
         h_btd = self.norm(x_btd)
         runs_mlp_in = runs_mlp_in if mlp_inputs else None
@@ -410,15 +484,16 @@ class Qwen3(nnx.Module):
             return h_btd, None, runs_mlp_in
         return h_btd, KVCache(k=kv[0], v=kv[1], lengths=cache.lengths + tokens_bt.shape[1]), runs_mlp_in
 
-    def hidden_states(self, tokens_bt: jax.Array, *, remat: bool = False) -> jax.Array:
+    def hidden_states(self, tokens_bt: jax.Array, *, remat: bool = False, unroll: bool = False) -> jax.Array:
         """Final-norm hidden states [B, T, D] of a causal pass from position 0 (right padding is safe).
 
         remat=True recomputes each layer in the backward pass. Only the training step asks for it
         (design §9): rematerialisation is a property of a backward pass, and a decode, a generation or
-        an evaluation has none, so the cached `step` never takes the flag.
+        an evaluation has none, so the cached `step` never takes the flag. `unroll` lays the layers out one after
+        another instead of a loop (see `step`).
         """
         positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-        return self._decoder(tokens_bt, positions_bt, None, remat=remat)[0]
+        return self._decoder(tokens_bt, positions_bt, None, remat=remat, unroll=unroll)[0]
 
     def mlp_inputs(self, tokens_bt: jax.Array) -> list[jax.Array]:
         """The normed input of every layer's MLP in a causal pass from position 0: one [L_run, B, T, D] array per
@@ -437,15 +512,23 @@ class Qwen3(nnx.Module):
     def __call__(self, tokens_bt: jax.Array) -> jax.Array:
         return self.logits(self.hidden_states(tokens_bt))
 
-    def step(self, tokens_bt: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def step(self, tokens_bt: jax.Array, cache: KVCache, *, windows: tuple[int, ...] | None = None,
+             unroll: bool = False) -> tuple[jax.Array, KVCache]:
         """Feeds T new tokens per row at positions lengths[b] .. lengths[b] + T - 1.
 
         Returns float32 logits [B, T, V] and the cache with every row's length advanced by T; callers
         that fed padding (ragged prefill) or rejected drafts set the true lengths with `with_lengths`.
         The caller guarantees lengths[b] + T <= cache.max_len (checked before jit by the engines).
+
+        Attention reads only the smallest of `windows` (static; default `cache_windows(cache.max_len)`) that holds
+        the longest row, so a step costs what its live rows need. `windows=(cache.max_len,)` reads the whole
+        cache, the plain definition; `windows=(w,)` compiles only the program that runs while rows fit in w
+        slots (what a per-step cost analysis measures; then every row must fit in w). `unroll` lays out the
+        layers one after another instead of a loop: XLA's cost analysis counts a loop's body once, so a per-step
+        figure needs it; longer to compile.
         """
         positions_bt = cache.lengths[:, None] + jnp.arange(tokens_bt.shape[1])[None, :]
-        h_btd, cache, _ = self._decoder(tokens_bt, positions_bt, cache)
+        h_btd, cache, _ = self._decoder(tokens_bt, positions_bt, cache, windows=windows, unroll=unroll)
         return self.logits(h_btd), cache
 
 
