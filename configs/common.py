@@ -110,6 +110,7 @@ def base() -> ConfigDict:
         b2=0.95,  # Adam second-moment decay
         grad_clip_norm=1.0,  # global-norm gradient clipping; 0 = off
         remat=True,  # recompute each draft layer in the backward pass
+        unroll_layers=False,  # layers and loss chunks unrolled, not loops: XLA's cost analysis then counts them all
         checkpoint_every=200,  # steps between Orbax checkpoints
         keep_checkpoints=2,  # checkpoints kept
         log_every=10,  # steps between metrics lines

@@ -328,6 +328,7 @@ def _check_distill(f: _Fields) -> None:
     f.number("distill.grad_clip_norm", 0.0, fix_value=1.0)
     f.integer("distill.loss_chunk", 0, fix_value=128)
     f.boolean("distill.remat")
+    f.boolean("distill.unroll_layers")
     for name in ("checkpoint_every", "keep_checkpoints", "log_every"):
         f.integer(f"distill.{name}", 1)
 

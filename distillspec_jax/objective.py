@@ -159,7 +159,7 @@ def counted_mask(loss_mask_bt: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
-def scan_positions(fn: Callable, init, xs_bt, chunk: int, *, remat: bool = False):
+def scan_positions(fn: Callable, init, xs_bt, chunk: int, *, remat: bool = False, unroll: bool = False):
     """(carry, ys_bt): `fn(carry, xs_bc) -> (carry, ys_bc)` run over chunks of C = `chunk` positions.
 
     xs_bt is a pytree of [B, T, ...] arrays, ys_bc a pytree of [B, C, ...] arrays (or None). With chunk = 0
@@ -168,6 +168,7 @@ def scan_positions(fn: Callable, init, xs_bt, chunk: int, *, remat: bool = False
     Only [B, C, V] distributions then exist at a time, which is what keeps V = 151936 in memory (design §3).
     remat: the body is rematerialised, so a backward pass recomputes each chunk's logits from its [B, C, D]
     hidden states instead of keeping them (the training losses; evaluation never rematerialises).
+    unroll: the chunks are laid out one after another instead of a loop (see `Qwen3.step`).
     """
     b, t = jax.tree.leaves(xs_bt)[0].shape[:2]
     if chunk == 0 or chunk >= t:
@@ -182,7 +183,7 @@ def scan_positions(fn: Callable, init, xs_bt, chunk: int, *, remat: bool = False
         return jnp.swapaxes(y_mbc, 0, 1).reshape(b, m * chunk, *y_mbc.shape[3:])[:, :t]
 
     body = jax.checkpoint(fn, prevent_cse=False) if remat else fn  # inside scan, CSE cannot undo the remat
-    carry, ys_mbc = jax.lax.scan(body, init, jax.tree.map(to_chunks, xs_bt))
+    carry, ys_mbc = jax.lax.scan(body, init, jax.tree.map(to_chunks, xs_bt), unroll=unroll)
     return carry, jax.tree.map(from_chunks, ys_mbc)
 
 
@@ -221,7 +222,8 @@ def _chunk_values(spec: LossSpec, real_vocab_size: int, heads: dict[str, Head], 
 
 
 def token_values(spec: LossSpec, real_vocab_size: int, heads: dict[str, Head], hidden_btd: dict[str, jax.Array],
-                 labels_bt: jax.Array, teacher_bt: dict[str, jax.Array] | None = None) -> TokenValues:
+                 labels_bt: jax.Array, teacher_bt: dict[str, jax.Array] | None = None, *,
+                 unroll: bool = False) -> TokenValues:
     """Per-position divergence, TVD and selection score, [B, T] each, from the models' hidden states.
 
     heads and hidden_btd are keyed by role (`draft` and `spec.frozen_roles`). Heads map hidden states
@@ -230,7 +232,7 @@ def token_values(spec: LossSpec, real_vocab_size: int, heads: dict[str, Head], h
     is rematerialised: in the backward pass each chunk's logits are recomputed from [B, C, D] hidden
     states instead of being kept from the forward pass. Widths D may differ per model; only V must agree.
     teacher_bt: with spec.stored_teacher, the stored teacher (`sparse_teacher.TEACHER_KEYS`: ids and
-    log-probabilities [B, T, k], tail [B, T]) in place of a target model.
+    log-probabilities [B, T, k], tail [B, T]) in place of a target model. unroll: the chunks' scan unrolled.
     """
     roles = (DRAFT, *spec.frozen_roles)
     missing = [role for role in roles if role not in heads or role not in hidden_btd]
@@ -245,7 +247,8 @@ def token_values(spec: LossSpec, real_vocab_size: int, heads: dict[str, Head], h
     def values(carry: None, xs) -> tuple[None, tuple[jax.Array, ...]]:
         return carry, _chunk_values(spec, real_vocab_size, heads, *xs)
 
-    _, out = scan_positions(values, None, (inputs, labels_bt, teacher_bt), spec.loss_chunk, remat=True)
+    _, out = scan_positions(values, None, (inputs, labels_bt, teacher_bt), spec.loss_chunk, remat=True,
+                            unroll=unroll)
     return TokenValues(divergence=out[0], tvd=out[1], score=out[2] if spec.uses_reference else None)
 
 

@@ -23,6 +23,7 @@ from distillspec_jax import checkpoint, tracking, train
 from distillspec_jax import sharding as shd
 from distillspec_jax.data import source as data_source
 from distillspec_jax.models import qwen3
+from distillspec_jax.train import loop
 from tests import distill_helpers as h
 from tests import sigterm_worker
 
@@ -171,6 +172,65 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     step, state, position, _ = checkpointer.restore(_distiller(cfg).abstract_state())
     assert (step, position) == (4, 4)
     assert all(np.isfinite(x).all() for x in h.params_to_numpy(state.params).values())
+
+
+def _count_pulls(monkeypatch) -> list[list[int]]:
+    """Records the steps of every transfer of metrics from the device (the loop's only wait on a step)."""
+    pulls, pull = [], loop._pull
+    monkeypatch.setattr(loop, "_pull", lambda pending: pulls.append([p.step for p in pending]) or pull(pending))
+    return pulls
+
+
+RATES = ("tokens_per_s", "positions_per_s")  # wall-clock figures: the only logged values timing may change
+
+
+def test_metrics_pulled_every_log_every_are_those_pulled_every_step(tmp_path, monkeypatch):
+    """With log_every = 3 the loop pulls the metrics twice in 6 steps (no wait per step), and logs, checkpoints and
+    returns exactly the values a loop that pulls after every step gives at those steps."""
+    pulls = _count_pulls(monkeypatch)
+    every = train.run(_distiller(dataclasses.replace(LOOP_CFG, checkpoint_every=6)),
+                      h.SyntheticSource(LOOP_BATCH, LOOP_SEQ), tmp_path / "every")
+    assert pulls == [[1], [2], [3], [4], [5], [6]]
+    pulls.clear()
+    sparse = train.run(_distiller(dataclasses.replace(LOOP_CFG, checkpoint_every=6, log_every=3)),
+                       h.SyntheticSource(LOOP_BATCH, LOOP_SEQ), tmp_path / "sparse")
+    assert pulls == [[1, 2, 3], [4, 5, 6]]
+    logged = {r["step"]: r for r in tracking.read_metrics(tmp_path / "every" / tracking.METRICS_FILE)}
+    sparse_logged = tracking.read_metrics(tmp_path / "sparse" / tracking.METRICS_FILE)
+    assert [r["step"] for r in sparse_logged] == [3, 6]
+    for record in sparse_logged:
+        want = {k: v for k, v in logged[record["step"]].items() if k not in RATES}
+        assert {k: v for k, v in record.items() if k not in RATES} == want
+    assert sparse.last_metrics == every.last_metrics and "finite" not in sparse.last_metrics
+    _assert_params_equal(h.params_to_numpy(sparse.state.params), h.params_to_numpy(every.state.params))
+
+
+def test_the_guard_finds_a_nan_between_pulls_and_saves_nothing_after_it(tmp_path, monkeypatch):
+    """A NaN at step 5 with pulls every 4 steps: the pull before step 8's checkpoint finds it, names step 5, and
+    saves neither step 5's state nor a later one."""
+    pulls = _count_pulls(monkeypatch)
+    cfg = dataclasses.replace(LOOP_CFG, steps=8, log_every=4, checkpoint_every=4)
+    with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss at step 5: loss=nan.*checkpoint is step 4"):
+        train.run(_distiller(cfg), h.SyntheticSource(LOOP_BATCH, LOOP_SEQ, nan_at=4), tmp_path)
+    assert pulls == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert checkpoint.Checkpointer(tmp_path, 2).latest_step() == 4
+    assert sorted(_losses(tmp_path)) == [4]
+
+
+def test_unrolled_layers_and_loss_chunks_take_the_same_step():
+    """distill.unroll_layers lays out the layers and loss chunks one after another (what XLA's cost analysis needs to
+    count them all); the step it computes is the looped one's."""
+    steps = []
+    for unroll in (False, True):
+        distiller = _distiller(dataclasses.replace(LOOP_CFG, unroll_layers=unroll))
+        state, metrics = distiller.step(distiller.init_state(),
+                                        distiller.global_batch(h.synthetic_batch(0, LOOP_BATCH, LOOP_SEQ)))
+        steps.append((h.params_to_numpy(state.params), jax.device_get(metrics)))
+    (looped, looped_metrics), (unrolled, unrolled_metrics) = steps
+    assert LOOP_SEQ > LOOP_CFG.loss_chunk  # the loss really is chunked
+    _assert_params_equal(unrolled, looped, atol=1e-6)
+    for name, value in looped_metrics.items():
+        np.testing.assert_allclose(unrolled_metrics[name], value, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ class TrainConfig(LossSpec):
     b2: float = 0.95  # Adam second-moment decay
     grad_clip_norm: float = 1.0  # clip gradients to this global norm; 0 disables clipping
     remat: bool = False  # recompute each draft layer in the backward pass (activation memory of the step)
+    unroll_layers: bool = False  # lay out the layers and loss chunks one after another, not as loops (longer compile)
     checkpoint_every: int = 500  # steps between checkpoints (one is also written at the end and on SIGTERM)
     keep_checkpoints: int = 2  # most recent checkpoints kept on disk
     log_every: int = 10  # steps between metrics lines

@@ -90,7 +90,7 @@ class Distiller:
         self.shardings = st.shardings(draft_state, self.frozen, self.tx, mesh, batch_ranks(cfg.stored_teacher))
         self._abstract_params = jax.eval_shape(lambda: self._initial_params)
         where = self.shardings
-        fns = dict(grad_accum_steps=cfg.grad_accum_steps, remat=cfg.remat)
+        fns = dict(grad_accum_steps=cfg.grad_accum_steps, remat=cfg.remat, unroll=cfg.unroll_layers)
         self._step = jax.jit(train_step.make_train_step(self.spec, self.graphdefs, self.tx, mesh, **fns),
                              in_shardings=(where.state, where.frozen, where.batch),
                              out_shardings=(where.state, where.replicated), donate_argnums=(0,))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import signal
 import threading
@@ -86,8 +85,18 @@ class _StopSignal:
         return bool(np.any(multihost_utils.process_allgather(np.asarray([self.requested]))))
 
 
-def _host_metrics(metrics: dict[str, jax.Array]) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+class _Pending(NamedTuple):
+    """A step whose metrics are still on the device."""
+
+    step: int  # the step number (1-based) these metrics belong to
+    position: int  # the data position of its batch
+    positions: int  # token positions its batch computes on
+    metrics: dict[str, jax.Array]
+
+
+def _pull(pending: list[_Pending]) -> list[dict[str, float]]:
+    """Every pending step's metrics on the host, in one transfer (the loop's only wait on the device)."""
+    return [{k: float(v) for k, v in m.items()} for m in jax.device_get([p.metrics for p in pending])]
 
 
 def run(distiller: Distiller, batches: BatchSource, workdir: str | os.PathLike, *,
@@ -101,7 +110,8 @@ def run(distiller: Distiller, batches: BatchSource, workdir: str | os.PathLike, 
 
     Checkpoints every cfg.checkpoint_every steps, at the end, and on SIGTERM (then returns with
     preempted=True). A NaN or infinite loss or gradient norm raises NonFiniteLossError naming the
-    step; that state is never saved, so the last checkpoint stays the last good one.
+    step, at the first pull of the metrics after it (every log_every steps and before every checkpoint); no
+    state from that step on is saved, so the last checkpoint stays the last good one.
     """
     cfg = distiller.cfg
     checkpointer = Checkpointer(workdir, cfg.keep_checkpoints)
@@ -125,9 +135,29 @@ def run(distiller: Distiller, batches: BatchSource, workdir: str | os.PathLike, 
     try:
         with _StopSignal() as stop:
             stream = batches(position, context)
+            # Metrics stay on the device and are pulled every log_every steps and before every checkpoint, so the
+            # host never waits for a step to finish before dispatching the next. The non-finite guard reads each
+            # step's device-side `finite` at every pull, which comes before any save: a bad state is never saved.
+            pending: list[_Pending] = []
             tokens_since_log, positions_since_log, time_since_log = 0.0, 0, time.perf_counter()
+
+            def pull() -> None:
+                nonlocal last_metrics, tokens_since_log, positions_since_log
+                for entry, host in zip(pending, _pull(pending)):
+                    if not host.pop("finite"):
+                        raise NonFiniteLossError(_non_finite_message(entry.step, host, entry.position, checkpointer))
+                    host["learning_rate"] = float(distiller.schedule(entry.step - 1))  # the rate this update used
+                    tokens_since_log += host["tokens"]  # what the loss counts (response tokens, no padding)
+                    positions_since_log += entry.positions  # what the step computes on
+                    last_metrics = host
+                if pending:
+                    progress.update(0, note=f"loss {last_metrics['loss']:.4f}, "
+                                            f"acceptance {last_metrics['acceptance']:.3f}")
+                pending.clear()
+
             while step < cfg.steps:
                 if stop.agreed():
+                    pull()
                     checkpointer.save(step, state, position, rng, last_metrics)
                     preempted = True
                     logging.warning("stopped at step %d on request; checkpoint saved", step)
@@ -138,26 +168,24 @@ def run(distiller: Distiller, batches: BatchSource, workdir: str | os.PathLike, 
                     raise RuntimeError(f"the data source ended at position {position}, before step "
                                        f"{step + 1} of {cfg.steps}") from None
                 batch = distiller.global_batch(local)
-                position += 1
                 state, metrics = distiller.step(state, batch)
                 current["params"] = state.params
-                host = _host_metrics(metrics)  # one small transfer per step: the guard below needs it
-                if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
-                    raise NonFiniteLossError(_non_finite_message(step + 1, host, position - 1, checkpointer))
-                host["learning_rate"] = float(distiller.schedule(step))  # the rate this update used
                 step += 1
-                progress.update(note=f"loss {host['loss']:.4f}, acceptance {host['acceptance']:.3f}")
-                positions_since_log += int(np.prod(batch["tokens"].shape))  # what the step computes on
-                tokens_since_log += host["tokens"]  # what the loss counts (response tokens, no padding)
-                last_metrics = host
-                if step % cfg.log_every == 0 or step == cfg.steps:
+                pending.append(_Pending(step, position, int(np.prod(batch["tokens"].shape)), metrics))
+                position += 1
+                progress.update()
+                log_now = step % cfg.log_every == 0 or step == cfg.steps
+                save_now = step % cfg.checkpoint_every == 0 or step == cfg.steps
+                if log_now or save_now:
+                    pull()
+                if log_now:
                     elapsed = time.perf_counter() - time_since_log
-                    logger.log(step, {**host, "data_position": position,
+                    logger.log(step, {**last_metrics, "data_position": position,
                                       "tokens_per_s": tokens_since_log / max(elapsed, 1e-9),
                                       "positions_per_s": positions_since_log / max(elapsed, 1e-9)})
                     tokens_since_log, positions_since_log, time_since_log = 0.0, 0, time.perf_counter()
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    checkpointer.save(step, state, position, rng, host)
+                if save_now:
+                    checkpointer.save(step, state, position, rng, last_metrics)
             progress.done()
     finally:
         checkpointer.wait()  # a save in flight completes; nothing of a failed step is written

@@ -34,17 +34,17 @@ Metrics = dict[str, jax.Array]
 
 
 def token_values(spec: LossSpec, graphdefs: Graphdefs, params: Params, frozen: dict[str, Params],
-                 batch: Batch, *, remat: bool = False) -> objective.TokenValues:
+                 batch: Batch, *, remat: bool = False, unroll: bool = False) -> objective.TokenValues:
     """Per-position values [B, T] of the loss for the draft `params` against the frozen models (or the
     batch's stored teacher)."""
     tokens_bt = batch["tokens"]
     draft = nnx.merge(graphdefs[DRAFT], params)
-    heads, hidden_btd = {DRAFT: draft.logits}, {DRAFT: draft.hidden_states(tokens_bt, remat=remat)}
+    heads, hidden_btd = {DRAFT: draft.logits}, {DRAFT: draft.hidden_states(tokens_bt, remat=remat, unroll=unroll)}
     for role in spec.frozen_roles:
         model = nnx.merge(graphdefs[role], frozen[role])
-        heads[role], hidden_btd[role] = model.logits, jax.lax.stop_gradient(model.hidden_states(tokens_bt))
+        heads[role], hidden_btd[role] = model.logits, jax.lax.stop_gradient(model.hidden_states(tokens_bt, unroll=unroll))
     return objective.token_values(spec, draft.cfg.real_vocab_size, heads, hidden_btd,
-                                  objective.next_token_shift(tokens_bt), batch)
+                                  objective.next_token_shift(tokens_bt), batch, unroll=unroll)
 
 
 def _micro(x_bt: jax.Array, accum: int, mesh: Mesh) -> jax.Array:
@@ -60,14 +60,15 @@ def _unmicro(x_abt: jax.Array) -> jax.Array:
 
 
 def make_gradients(spec: LossSpec, graphdefs: Graphdefs, mesh: Mesh, *, grad_accum_steps: int = 1,
-                   remat: bool = False) -> Callable[[Params, dict[str, Params], Batch], tuple[Params, Metrics]]:
+                   remat: bool = False, unroll: bool = False
+                   ) -> Callable[[Params, dict[str, Params], Batch], tuple[Params, Metrics]]:
     """`gradients(params, frozen, batch) -> (grads, metrics)`: the gradient of the loss Σ w·D / Σ w over the
     global batch, accumulated over `grad_accum_steps` micro-batches, cast to the parameters' dtypes."""
 
     def loss_sum(params, frozen, batch, weights_bt):
         """Σ w·D over one (micro-)batch, and the metric sums. weights None: from this pass (the selection
         included); otherwise given, already selected over the whole global batch."""
-        values = token_values(spec, graphdefs, params, frozen, batch, remat=remat)
+        values = token_values(spec, graphdefs, params, frozen, batch, remat=remat, unroll=unroll)
         if weights_bt is None:
             weights_bt = objective.loss_weights(spec, batch["loss_mask"], values.score)
         return (jnp.sum(weights_bt * values.divergence),
@@ -103,16 +104,18 @@ def make_gradients(spec: LossSpec, graphdefs: Graphdefs, mesh: Mesh, *, grad_acc
         grads = jax.tree.map(lambda g, p: (g / norm).astype(p.dtype), grads, params)
         metrics = objective.finalize_metrics(spec, sums)
         metrics["grad_norm"] = optax.tree.norm(grads)
+        # The non-finite guard's test, on the device: the loop reads it when it pulls the metrics.
+        metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         return grads, metrics
 
     return gradients
 
 
 def make_train_step(spec: LossSpec, graphdefs: Graphdefs, tx: optax.GradientTransformation, mesh: Mesh, *,
-                    grad_accum_steps: int = 1, remat: bool = False
+                    grad_accum_steps: int = 1, remat: bool = False, unroll: bool = False
                     ) -> Callable[[TrainState, dict[str, Params], Batch], tuple[TrainState, Metrics]]:
     """`train_step(state, frozen, batch) -> (state, metrics)`: the gradients, then one optimizer update."""
-    gradients = make_gradients(spec, graphdefs, mesh, grad_accum_steps=grad_accum_steps, remat=remat)
+    gradients = make_gradients(spec, graphdefs, mesh, grad_accum_steps=grad_accum_steps, remat=remat, unroll=unroll)
 
     def train_step(state: TrainState, frozen: dict[str, Params], batch: Batch) -> tuple[TrainState, Metrics]:
         grads, metrics = gradients(state.params, frozen, batch)
