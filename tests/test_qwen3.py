@@ -194,3 +194,19 @@ def test_attention_over_the_live_cache_equals_the_whole_cache(tokens_per_step):
         cache = live_cache.with_lengths(cache.lengths + 1)
     # the step read fewer windows than the capacity: the smallest holding the longest row
     assert windows[int(qwen3.window_index(windows, cache.lengths, tokens_per_step))] < max_len
+
+
+def test_row_by_row_and_scattered_cache_writes_agree(monkeypatch):
+    """Both ways `_write_rows` writes (one update per row for small batches, one scatter for large ones) put every
+    row's new entries at its own slots and leave the rest alone."""
+    cache_lbksh = jnp.asarray(np.random.RandomState(0).randn(2, 5, 3, 16, 4), jnp.float32)
+    new_btkh = jnp.asarray(np.random.RandomState(1).randn(5, 3, 3, 4), jnp.float32)
+    start_b = jnp.array([0, 7, 13, 2, 9])
+    want = np.array(cache_lbksh)
+    for b in range(5):
+        want[1, b, :, int(start_b[b]):int(start_b[b]) + 3] = np.swapaxes(np.asarray(new_btkh[b]), 0, 1)
+    by_row = qwen3._write_rows(cache_lbksh, jnp.int32(1), new_btkh, start_b)
+    monkeypatch.setattr(qwen3, "UNROLLED_WRITE_ROWS", 4)
+    scattered = qwen3._write_rows(cache_lbksh, jnp.int32(1), new_btkh, start_b)
+    np.testing.assert_array_equal(np.asarray(by_row), want)
+    np.testing.assert_array_equal(np.asarray(scattered), want)

@@ -177,16 +177,29 @@ class KVCache(NamedTuple):
         return self._replace(lengths=lengths.astype(jnp.int32))
 
 
+UNROLLED_WRITE_ROWS = 64  # batches up to this many rows write the cache row by row; larger ones by one scatter
+
+
 def _write_rows(cache_lbksh: jax.Array, layer: jax.Array, new_btkh: jax.Array, start_b: jax.Array) -> jax.Array:
-    """Writes each row's T new entries of one layer at the row's own start slot: one dynamic_update_slice per row
-    into the stacked cache, which XLA performs in place on the scan's carry. (A vmap of them moved the batch axis
-    first, and XLA then copied every layer's whole cache twice per step to transpose it; a scatter is in place
-    too, but XLA's cost analysis counts its whole operand.)"""
-    new_bksh = jnp.swapaxes(new_btkh, 1, 2).astype(cache_lbksh.dtype)
+    """Writes each row's T new entries of one layer at the row's own start slot, in place on the scan's carry.
+
+    Up to UNROLLED_WRITE_ROWS rows: one dynamic_update_slice per row, which XLA's cost analysis counts at the bytes
+    written. Beyond (thousands of rows, as in sampling tests), one scatter, which is also in place but which the cost
+    analysis counts at its whole operand; an unrolled row loop would make the program grow with the batch. (A vmap
+    of per-row updates moved the batch axis first, and XLA then transposed every layer's whole cache twice a step.)
+    """
+    b, t = new_btkh.shape[:2]
+    new_btkh = new_btkh.astype(cache_lbksh.dtype)
+    if b > UNROLLED_WRITE_ROWS:
+        rows_b1, slots_bt = jnp.arange(b)[:, None], start_b[:, None] + jnp.arange(t)[None, :]
+        # The advanced indices (layer, rows, slots) broadcast to [B, T] and lead the indexed shape: [B, T, K, H].
+        return cache_lbksh.at[layer, rows_b1, :, slots_bt, :].set(new_btkh, indices_are_sorted=True,
+                                                                   unique_indices=True)
+    new_bksh = jnp.swapaxes(new_btkh, 1, 2)
     zero = jnp.zeros((), jnp.int32)
-    for b in range(new_bksh.shape[0]):
-        cache_lbksh = jax.lax.dynamic_update_slice(cache_lbksh, new_bksh[b][None, None],
-                                                   (layer, jnp.int32(b), zero, start_b[b], zero))
+    for row in range(b):
+        cache_lbksh = jax.lax.dynamic_update_slice(cache_lbksh, new_bksh[row][None, None],
+                                                   (layer, jnp.int32(row), zero, start_b[row], zero))
     return cache_lbksh
 
 
