@@ -174,9 +174,45 @@ def stored_teacher_table(result: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
+def _weighted_ms(per_window: dict[str, dict], steps: dict[str, int]) -> str:
+    if any(per_window[w]["estimated_s"] is None for w in steps):
+        return "–"
+    return _f(sum(per_window[w]["estimated_s"] * n for w, n in steps.items()) / sum(steps.values()) * 1e3, 3)
+
+
+def step_cost_tables(result: dict[str, Any]) -> str:
+    """bench/step_cost.py: bytes per decode step over a generation (live-cache windows and the whole cache, against
+    the ideal), then a verify call against one step; XLA cost-analysis estimates, per platform and batch."""
+    out = []
+    generation = [r for r in result["results"] if "generation" in r]
+    if generation:
+        header = ["model", "platform", "B", "ideal GB/step", "live windows GB/step", "live / ideal",
+                  "whole cache GB/step", "whole / ideal", "est. ms/step, live", "est. ms/step, whole"]
+        rows = []
+        for r in generation:
+            g = r["generation"]
+            live, whole = g["live"], g["whole_cache"]
+            rows.append([r["model"], r["device_kind"], str(r["batch"]), _f(g["ideal_bytes_per_step"] / 1e9, 3),
+                         _f(live["bytes_per_step"] / 1e9, 3), _f(live["bytes_over_ideal"], 3),
+                         _f(whole["bytes_per_step"] / 1e9, 3), _f(whole["bytes_over_ideal"], 3),
+                         _weighted_ms(live["per_window"], g["steps_per_window"]),
+                         "–" if whole["estimated_s"] is None else _f(whole["estimated_s"] * 1e3, 3)])
+        out.append(_table(header, rows))
+    verify = [r for r in result["results"] if "verify" in r]
+    if verify:
+        header = ["model", "platform", "B", "tokens", "window", "step GB", "verify GB", "bytes verify / step",
+                  "est. s verify / step", "FLOPs ratio"]
+        rows = [[r["model"], r["device_kind"], str(r["batch"]), str(v["tokens"]), str(v["window"]),
+                 _f(v["step"]["bytes"] / 1e9, 3), _f(v["verify"]["bytes"] / 1e9, 3), _f(v["bytes_ratio"], 3),
+                 _f(v.get("estimated_s_ratio"), 3), _f(v["flops_ratio"])]
+                for r in verify for v in [r["verify"]]]
+        out.append(_table(header, rows))
+    return "\n\n".join(out)
+
+
 TABLES = {"decode": decode_table, "speculative": speculative_tables, "distill_step": distill_table,
           "profile_decode": profile_table, "scale": scale_table, "moe": moe_tables, "expert_union": expert_union_tables,
-          "stored_teacher": stored_teacher_table}
+          "stored_teacher": stored_teacher_table, "step_cost": step_cost_tables}
 
 
 def main(argv: list[str] | None = None) -> None:
