@@ -153,3 +153,26 @@ def main_multihost(out: str, workdir: str, mesh_shape: tuple[int, int, int]) -> 
         pathlib.Path(out).write_text(json.dumps({"losses": losses, "process_count": jax.process_count(),
                                                  "devices": jax.device_count(), "checkpoints": list(checkpoints)}))
         np.savez(pathlib.Path(out).with_suffix(".npz"), **params)
+
+
+def main_multihost_sigterm(out: str, workdir: str, mesh_shape: tuple[int, int, int]) -> None:
+    """Body of a multi-host worker that a SIGTERM to one of the processes stops: slow batches, and metrics and
+    checkpoints only every 1000 steps (so no step waits on the devices, and the only checkpoint is the stop's).
+    Each process writes its data position after every batch to `out`.<process>.position and, at the end,
+    {"step", "preempted", "checkpoint"} to `out`.<process>.json."""
+    cfg = dataclasses.replace(SHARDING_CFG, steps=1000, log_every=1000, checkpoint_every=1000)
+    reference = make_draft(2) if cfg.uses_reference else None
+    distiller = train.Distiller(cfg, make_draft(0), make_target(1), shd.make_mesh(*mesh_shape), reference)
+    stem = f"{out}.{jax.process_index()}"
+    source = SyntheticSource(SHARDING_BATCH, SHARDING_SEQ, sleep_s=0.2)
+
+    def reported(position: int, context: data_source.DataContext | None) -> Iterator[dict[str, np.ndarray]]:
+        for batch in source(position, context):
+            pathlib.Path(f"{stem}.position").write_text(str(position))
+            yield batch
+            position += 1
+
+    result = train.run(distiller, reported, workdir)
+    latest = checkpoint.Checkpointer(workdir, cfg.keep_checkpoints).latest_step()  # collective: all hosts
+    pathlib.Path(f"{stem}.json").write_text(json.dumps({"step": result.step, "preempted": result.preempted,
+                                                       "checkpoint": latest}))

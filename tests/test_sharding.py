@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -97,19 +99,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_workers(out: pathlib.Path, workdir: pathlib.Path, *args: str) -> list[subprocess.Popen]:
+    """Two tests.multihost_worker processes x 4 CPU devices, jax.distributed over localhost."""
+    port, procs = _free_port(), []
+    for process_id in range(2):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+               "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+               "JAX_PROCESS_ID": str(process_id)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(out), str(workdir), *args],
+                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
 def test_two_processes_equal_one_process(tmp_path, runs):
     """Two processes x 4 CPU devices (jax.distributed over localhost, gloo collectives), each feeding
     its own host slice of every batch through the training loop (checkpoints written by both), against
     this process's 8 devices, both on a 2x2x2 mesh."""
     want_losses, want_params = runs((2, 2, 2))
-    port, out = _free_port(), tmp_path / "multihost.json"
-    procs = []
-    for process_id in range(2):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
-               "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
-               "JAX_PROCESS_ID": str(process_id)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(out), str(tmp_path / "run")], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    out = tmp_path / "multihost.json"
+    procs = _start_workers(out, tmp_path / "run")
     try:
         logs = [p.communicate(timeout=180)[0] for p in procs]
     finally:
@@ -128,3 +136,32 @@ def test_two_processes_equal_one_process(tmp_path, runs):
     assert loss_diff <= TOLERANCE and param_diff <= TOLERANCE
     # And both equal the single-device run.
     assert float(np.abs(np.subtract(result["losses"], runs((1, 1, 1))[0])).max()) <= TOLERANCE
+
+
+def test_sigterm_to_one_process_stops_every_process_after_the_same_step(tmp_path):
+    """A preemption notice reaches one host of a two-process run whose steps never wait on the devices (metrics
+    and checkpoints every 1000 steps): both processes stop after the same step, with one checkpoint at it, and
+    exit cleanly."""
+    out = tmp_path / "sigterm"
+    procs = _start_workers(out, tmp_path / "run", "sigterm")
+    try:
+        deadline = time.monotonic() + 180
+        while not all((p := pathlib.Path(f"{out}.{i}.position")).exists() and int(p.read_text() or 0) >= 3
+                      for i in range(2)):
+            for proc in procs:
+                assert proc.poll() is None, f"a worker exited early:\n{proc.communicate()[0][-4000:]}"
+            assert time.monotonic() < deadline, "the workers made no progress"
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGTERM)
+        logs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    results = [json.loads(pathlib.Path(f"{out}.{i}.json").read_text()) for i in range(2)]
+    print(f"\nafter SIGTERM to process 1: {results}")
+    assert results[0] == results[1]
+    assert results[0]["preempted"] and 3 <= results[0]["step"] < 1000
+    assert results[0]["checkpoint"] == results[0]["step"]  # checkpoint_every is 1000: the stop's checkpoint

@@ -55,12 +55,20 @@ def _non_finite_message(step: int, host: dict[str, float], position: int, checkp
 
 
 class _StopSignal:
-    """SIGTERM (preemption) sets a flag that the loop checks between steps; the handler does no work
-    itself, so a step is never interrupted half way. Installed only from the main thread."""
+    """SIGTERM (preemption) stops the loop after a step, with a checkpoint; a step is never interrupted half way.
+
+    One process: a Python handler sets a flag that the loop reads between steps (installed only from the main
+    thread). Several processes: all must stop after the same step, and the coordination service that
+    jax.distributed started already listens for SIGTERM on every process and agrees on that step (its
+    preemption sync point: the largest step any process has reached, plus one) without any device transfer, so
+    the loop does not wait on the devices each step. No Python handler is installed then: it would replace the
+    service's. Without the service (jax_enable_preemption_service off) the processes gather their flags every
+    step instead, which waits for each step to finish."""
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._sync_manager = None
 
     def _handle(self, signum, frame):
         del frame
@@ -68,6 +76,14 @@ class _StopSignal:
         self.requested = True
 
     def __enter__(self) -> _StopSignal:
+        if jax.process_count() > 1:
+            from jax._src import distributed
+
+            self._sync_manager = distributed.global_state.preemption_sync_manager
+            if self._sync_manager is not None:
+                return self
+            logging.warning("jax.distributed runs without its preemption service: the processes agree on a stop "
+                            "request by a collective after every step")
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
@@ -76,10 +92,16 @@ class _StopSignal:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    def agreed(self) -> bool:
-        """Whether any process was asked to stop: all hosts must stop after the same step."""
+    def agreed(self, step: int) -> bool:
+        """Whether to stop now, after `step` steps; every process must call this before every step, with the same
+        step numbers, and all processes get the same answer at the same step."""
         if jax.process_count() == 1:
             return self.requested
+        if self._sync_manager is not None:
+            if self._sync_manager.reached_sync_point(step):
+                logging.warning("a preemption notice reached the job: every process stops after step %d", step)
+                return True
+            return False
         from jax.experimental import multihost_utils
 
         return bool(np.any(multihost_utils.process_allgather(np.asarray([self.requested]))))
@@ -156,7 +178,7 @@ def run(distiller: Distiller, batches: BatchSource, workdir: str | os.PathLike, 
                 pending.clear()
 
             while step < cfg.steps:
-                if stop.agreed():
+                if stop.agreed(step):
                     pull()
                     checkpointer.save(step, state, position, rng, last_metrics)
                     preempted = True
