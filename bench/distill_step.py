@@ -5,6 +5,7 @@ online (in memory, a forward pass per step) or stored (its top-k per position re
     python -m bench.distill_step                                                   # CPU: small shapes
     python -m bench.distill_step --teachers=online,64 --loss_chunks=128            # online against stored top-64
     python -m bench.distill_step --student=0.6b --teacher=1.7b --dtype=bfloat16 --seq_len=1024 --batch=8   # GPU
+    python -m bench.distill_step --loop_steps=16 --log_every=1,8                   # and the training loop around it
 
 FLOPs per token (model FLOPs, PaLM's convention): 6·N_student + 2·N_teacher for the matmul weights (N counts
 every weight used in a matmul, the LM head included, an untied input embedding excluded), plus attention:
@@ -12,6 +13,11 @@ every weight used in a matmul, the LM head included, an untied input embedding e
 full T keys a position's attention computes. Recomputation (the chunked loss re-forms each chunk's logits in
 the backward pass; --remat recomputes layers) is work the hardware does but is not counted, so MFU is a
 lower bound on hardware utilisation.
+
+With --loop_steps, each configuration also runs `train.run` (the training loop: batches to the devices, the
+step, metrics pulled every log_every steps, progress lines, the metrics file and a final checkpoint) over that
+many steps of the same batch, and reports its wall seconds per step from the request of the second batch to the
+loop's return: a step's loop overhead is loop_step_s / step_s − 1.
 
 Peak FLOP/s: the bfloat16 dense datasheet figure of a known GPU/TPU (H100/H200 989e12, A100 312e12, TPU v4
 275e12, v5e 197e12, v5p 459e12), otherwise (a CPU) measured with a jitted matmul in the compute dtype.
@@ -22,6 +28,10 @@ compiled step's own estimate from `memory_analysis()` (arguments + outputs − d
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import sys
+import tempfile
 import time
 from typing import Any
 
@@ -86,6 +96,26 @@ def stored_teacher_arrays(teacher: qwen3.Qwen3, tokens_bt: np.ndarray, k: int, c
     return dict(zip(TEACHER_KEYS, shd.to_host(top)))
 
 
+def loop_step_seconds(distiller: train.Distiller, local: dict[str, np.ndarray]) -> dict[str, Any]:
+    """train.run over distiller.cfg.steps steps of `local`: wall seconds per step once compiled (from the request of
+    the second batch, when the first step has been compiled and dispatched, to the loop's return, its final
+    checkpoint included)."""
+    steps, requested = distiller.cfg.steps, []
+
+    def batches(position, context):
+        del position, context
+        while True:
+            requested.append(time.perf_counter())
+            yield local
+
+    # The loop's progress lines go to stderr: stdout is the benchmark's JSON.
+    with tempfile.TemporaryDirectory() as workdir, contextlib.redirect_stdout(sys.stderr):
+        result = train.run(distiller, batches, workdir)
+        end = time.perf_counter()
+    return {"log_every": distiller.cfg.log_every, "steps": steps, "step_s": (end - requested[1]) / (steps - 1),
+            "loss": result.last_metrics.get("loss")}
+
+
 def measure(args: argparse.Namespace, loss_chunk: int, student_cfg: qwen3.Qwen3Config, teacher: qwen3.Qwen3,
             mesh, flops_per_token: float, peak: float, stored_k: int = 0) -> dict[str, Any]:
     """One configuration: compile, then the median step time over args.runs steps. stored_k > 0: the teacher's
@@ -116,13 +146,20 @@ def measure(args: argparse.Namespace, loss_chunk: int, student_cfg: qwen3.Qwen3C
     first_s, step_s, (_, metrics) = common.first_and_median(one_step, args.runs)
     tokens = args.batch * args.seq_len
     achieved = flops_per_token * tokens / step_s
+    loops = []
+    for every in args.log_every if args.loop_steps else ():
+        loop_cfg = dataclasses.replace(cfg, steps=args.loop_steps, log_every=every, checkpoint_every=args.loop_steps)
+        loop_distiller = train.Distiller(loop_cfg, common.build_model(student_cfg, args.seed),
+                                         None if stored_k else teacher, mesh)
+        loop = loop_step_seconds(loop_distiller, local)
+        loops.append({**loop, "tokens_per_s": tokens / loop["step_s"], "overhead": loop["step_s"] / step_s - 1})
     return {
         "teacher": f"stored top-{stored_k}" if stored_k else "online",
         "batch_bytes": int(sum(np.asarray(v).nbytes for v in local.values())),
         "loss_chunk": loss_chunk, "step_s": step_s, "first_call_s": first_s, "compile_s": compile_s,
         "tokens_per_s": tokens / step_s, "model_flops_per_s": achieved, "mfu": achieved / peak,
         "loss": float(metrics["loss"]), "peak_bytes_in_use": device_peak_bytes(),
-        "compiled_memory": memory_analysis(compiled),
+        "compiled_memory": memory_analysis(compiled), "loop": loops,
     }
 
 
@@ -145,7 +182,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="comma-separated: online (teacher in memory) and/or k (stored top-k, no teacher)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
     parser.add_argument("--runs", type=int, default=3, help="timed steps (the median is reported)")
+    parser.add_argument("--loop_steps", type=int, default=0, help="also time train.run over this many steps (0 = off)")
+    parser.add_argument("--log_every", type=common.int_list, default=[1, 8],
+                        help="with --loop_steps: the loop's log_every values to compare")
     args = parser.parse_args(argv)
+    if args.loop_steps == 1 or args.loop_steps < 0:
+        parser.error(f"--loop_steps must be 0 (off) or at least 2, got {args.loop_steps}")
 
     teacher_cfg = common.model_config(args.teacher, args.dtype, args.vocab_size)
     student_cfg = common.model_config(args.student, args.dtype, args.vocab_size).replace(

@@ -74,16 +74,18 @@ def speculative_tables(result: dict) -> str:
 
 def distill_table(result: dict) -> str:
     header = ["teacher", "loss chunk", "step s", "tokens/s", "MFU", "compile s", "compiled peak (MiB)",
-              "temporaries (MiB)", "device peak (MiB)"]
+              "temporaries (MiB)", "device peak (MiB)", "loop s/step (log_every): overhead"]
     rows = []
     for e in result["results"]:
+        loop = "; ".join(f"{r['step_s']:.3f} ({r['log_every']}): {100 * r['overhead']:+.1f}%" for r in e.get("loop", []))
         mem = e["compiled_memory"]
         peak = _f(mem["peak_estimate_bytes"] / 2**20, 1) if mem.get("available") else "unavailable"
         temp = _f(mem["temp_size_in_bytes"] / 2**20, 1) if mem.get("available") else "unavailable"
         device = "–" if e["peak_bytes_in_use"] is None else _f(e["peak_bytes_in_use"] / 2**20, 1)
         rows.append([e.get("teacher", "online"), str(e["loss_chunk"]) + (" (off)" if e["loss_chunk"] == 0 else ""),
                      _f(e["step_s"], 3),
-                     _f(e["tokens_per_s"], 0), f"{100 * e['mfu']:.1f}%", _f(e["compile_s"], 1), peak, temp, device])
+                     _f(e["tokens_per_s"], 0), f"{100 * e['mfu']:.1f}%", _f(e["compile_s"], 1), peak, temp, device,
+                     loop or "–"])
     return _table(header, rows)
 
 

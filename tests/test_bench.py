@@ -87,7 +87,7 @@ def test_speculative_bench_reports_costs_per_gamma():
 
 def test_distill_step_bench_reports_mfu_and_memory():
     result = run_bench("distill_step", "--student=tiny-draft", "--teacher=tiny", "--batch=2", "--seq_len=16",
-                       "--loss_chunks=8,0", "--runs=1", "--teachers=online,16")
+                       "--loss_chunks=8,0", "--runs=1", "--teachers=online,16", "--loop_steps=3", "--log_every=2")
     assert result["benchmark"] == "distill_step"
     assert_machine(result)
     assert_positive(result["flops_per_token"], "matmul", "attention", "total")
@@ -102,6 +102,9 @@ def test_distill_step_bench_reports_mfu_and_memory():
                 == stored["batch_bytes"] - online["batch_bytes"] - teacher_bytes)
     for entry in result["results"]:
         assert_positive(entry, "step_s", "tokens_per_s", "mfu", "compile_s", "loss")
+        [loop] = entry["loop"]  # the training loop around the same step, metrics pulled every 2 steps
+        assert (loop["log_every"], loop["steps"]) == (2, 3)
+        assert_positive(loop, "step_s", "tokens_per_s", "loss")
         memory = entry["compiled_memory"]
         if memory["available"]:
             assert_positive(memory, "peak_estimate_bytes")
