@@ -111,13 +111,8 @@ def _start_workers(out: pathlib.Path, workdir: pathlib.Path, *args: str) -> list
     return procs
 
 
-def test_two_processes_equal_one_process(tmp_path, runs):
-    """Two processes x 4 CPU devices (jax.distributed over localhost, gloo collectives), each feeding
-    its own host slice of every batch through the training loop (checkpoints written by both), against
-    this process's 8 devices, both on a 2x2x2 mesh."""
-    want_losses, want_params = runs((2, 2, 2))
-    out = tmp_path / "multihost.json"
-    procs = _start_workers(out, tmp_path / "run")
+def _finish_cleanly(procs: list[subprocess.Popen]) -> None:
+    """Waits for every worker (killing any left after a failure) and asserts that each exited with 0."""
     try:
         logs = [p.communicate(timeout=180)[0] for p in procs]
     finally:
@@ -126,6 +121,15 @@ def test_two_processes_equal_one_process(tmp_path, runs):
                 p.kill()
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
+
+
+def test_two_processes_equal_one_process(tmp_path, runs):
+    """Two processes x 4 CPU devices (jax.distributed over localhost, gloo collectives), each feeding
+    its own host slice of every batch through the training loop (checkpoints written by both), against
+    this process's 8 devices, both on a 2x2x2 mesh."""
+    want_losses, want_params = runs((2, 2, 2))
+    out = tmp_path / "multihost.json"
+    _finish_cleanly(_start_workers(out, tmp_path / "run"))
     result = json.loads(out.read_text())
     assert (result["process_count"], result["devices"], result["checkpoints"]) == (2, 8, [2, 3])
     params = dict(np.load(out.with_suffix(".npz")))
@@ -153,13 +157,11 @@ def test_sigterm_to_one_process_stops_every_process_after_the_same_step(tmp_path
             assert time.monotonic() < deadline, "the workers made no progress"
             time.sleep(0.1)
         procs[1].send_signal(signal.SIGTERM)
-        logs = [p.communicate(timeout=180)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+        raise
+    _finish_cleanly(procs)
     results = [json.loads(pathlib.Path(f"{out}.{i}.json").read_text()) for i in range(2)]
     print(f"\nafter SIGTERM to process 1: {results}")
     assert results[0] == results[1]
