@@ -188,26 +188,36 @@ def step_cost_tables(result: dict[str, Any]) -> str:
     out = []
     generation = [r for r in result["results"] if "generation" in r]
     if generation:
-        header = ["model", "platform", "B", "ideal GB/step", "live windows GB/step", "live / ideal",
-                  "whole cache GB/step", "whole / ideal", "est. ms/step, live", "est. ms/step, whole"]
+        header = ["model", "layers", "platform", "B", "ideal GB/step", "live windows GB/step", "live / ideal",
+                  "live, resident weights / ideal", "whole cache GB/step", "whole / ideal", "est. ms/step, live",
+                  "est. ms/step, live resident", "est. ms/step, whole"]
         rows = []
         for r in generation:
             g = r["generation"]
-            live, whole = g["live"], g["whole_cache"]
-            rows.append([r["model"], r["device_kind"], str(r["batch"]), _f(g["ideal_bytes_per_step"] / 1e9, 3),
+            live, whole, held = g["live"], g["whole_cache"], g.get("live_resident_weights")
+            rows.append([r["model"], str(r.get("layers", "–")), r["device_kind"], str(r["batch"]),
+                         _f(g["ideal_bytes_per_step"] / 1e9, 3),
                          _f(live["bytes_per_step"] / 1e9, 3), _f(live["bytes_over_ideal"], 3),
+                         "–" if held is None else _f(held["bytes_over_ideal"], 3),
                          _f(whole["bytes_per_step"] / 1e9, 3), _f(whole["bytes_over_ideal"], 3),
                          _weighted_ms(live["per_window"], g["steps_per_window"]),
+                         "–" if held is None else _weighted_ms(held["per_window"], g["steps_per_window"]),
                          "–" if whole["estimated_s"] is None else _f(whole["estimated_s"] * 1e3, 3)])
         out.append(_table(header, rows))
     verify = [r for r in result["results"] if "verify" in r]
     if verify:
-        header = ["model", "platform", "B", "tokens", "window", "step GB", "verify GB", "bytes verify / step",
-                  "est. s verify / step", "FLOPs ratio"]
-        rows = [[r["model"], r["device_kind"], str(r["batch"]), str(v["tokens"]), str(v["window"]),
-                 _f(v["step"]["bytes"] / 1e9, 3), _f(v["verify"]["bytes"] / 1e9, 3), _f(v["bytes_ratio"], 3),
-                 _f(v.get("estimated_s_ratio"), 3), _f(v["flops_ratio"])]
-                for r in verify for v in [r["verify"]]]
+        header = ["model", "layers", "platform", "B", "weights", "tokens", "window", "step GB", "verify GB",
+                  "bytes verify / step", "est. s verify / step", "FLOPs ratio"]
+        rows = []
+        for r in verify:
+            v = r["verify"]
+            # results before 2026-12-04 hold one stored-layout figure at the top level
+            layouts = {k: v[k] for k in ("stored_layouts", "resident_weights") if k in v} or {"stored_layouts": v}
+            for layout, c in layouts.items():
+                rows.append([r["model"], str(r.get("layers", "–")), r["device_kind"], str(r["batch"]),
+                             layout.replace("_", " "), str(v["tokens"]), str(v["window"]),
+                             _f(c["step"]["bytes"] / 1e9, 3), _f(c["verify"]["bytes"] / 1e9, 3),
+                             _f(c["bytes_ratio"], 3), _f(c.get("estimated_s_ratio"), 3), _f(c["flops_ratio"])])
         out.append(_table(header, rows))
     return "\n\n".join(out)
 

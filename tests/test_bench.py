@@ -112,6 +112,26 @@ def test_distill_step_bench_reports_mfu_and_memory():
             assert memory["reason"]
 
 
+
+def test_step_cost_bench_reports_bytes_per_layer_count_and_both_weight_layouts():
+    result = run_bench("step_cost", "--models=tiny", "--dtype=float32", "--layers=1,2", "--batch_sizes=1",
+                       "--prompt_len=8", "--new_tokens=8", "--cache_len=256", "--verify_tokens=4", "--platforms=cpu")
+    assert result["benchmark"] == "step_cost"
+    one, two = result["results"]
+    assert (one["layers"], two["layers"]) == (1, 2)
+    for entry in (one, two):
+        generation = entry["generation"]
+        assert_positive(generation, "ideal_bytes_per_step")
+        for live in ("live", "live_resident_weights"):
+            assert_positive(generation[live], "bytes_per_step", "bytes_over_ideal")
+        for layout in ("stored_layouts", "resident_weights"):
+            costs = entry["verify"][layout]
+            assert_positive(costs, "bytes_ratio", "flops_ratio")
+            assert costs["verify"]["flops"] > costs["step"]["flops"]  # 4 tokens against 1
+    # a second layer adds its weights and cache: the layer override reaches the compiled program
+    assert two["generation"]["live"]["bytes_per_step"] > one["generation"]["live"]["bytes_per_step"]
+    assert two["generation"]["ideal_bytes_per_step"] > one["generation"]["ideal_bytes_per_step"]
+
 def test_report_renders_every_stored_result(capsys):
     # docs/benchmarks.md's tables come from these files through bench.report: every kind must render.
     from bench import report
