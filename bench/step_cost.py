@@ -85,21 +85,20 @@ def generation_cost(cfg, batch: int, prompt_len: int, new_tokens: int, cache_len
     windows = qwen3.cache_windows(cache_len)
     contexts = range(prompt_len - 1, prompt_len + new_tokens - 1)
     steps = collections.Counter(windows[bisect.bisect_left(windows, c + 1)] for c in contexts)
-    live = {w: compiled_cost(cfg, batch, 1, cache_len, w, device) for w in sorted(steps)}
-    whole = compiled_cost(cfg, batch, 1, cache_len, cache_len, device)
     ideal = sum(ideal_bytes(cfg, batch, 1, c) for c in contexts) / new_tokens
-    live_bytes = sum(n * live[w]["bytes"] for w, n in steps.items()) / new_tokens
+
+    def live(resident_weights: bool) -> dict[str, Any]:
+        per_window = {w: compiled_cost(cfg, batch, 1, cache_len, w, device, resident_weights) for w in sorted(steps)}
+        per_step = sum(n * per_window[w]["bytes"] for w, n in steps.items()) / new_tokens
+        return {"bytes_per_step": per_step, "bytes_over_ideal": per_step / ideal, "per_window": per_window}
+
+    whole = compiled_cost(cfg, batch, 1, cache_len, cache_len, device)
     out = {
-        "steps_per_window": dict(steps), "ideal_bytes_per_step": ideal,
-        "live": {"bytes_per_step": live_bytes, "bytes_over_ideal": live_bytes / ideal,
-                 "per_window": live},
+        "steps_per_window": dict(steps), "ideal_bytes_per_step": ideal, "live": live(False),
         "whole_cache": {"bytes_per_step": whole["bytes"], "bytes_over_ideal": whole["bytes"] / ideal, **whole},
     }
     if resident:
-        held = {w: compiled_cost(cfg, batch, 1, cache_len, w, device, True) for w in sorted(steps)}
-        held_bytes = sum(n * held[w]["bytes"] for w, n in steps.items()) / new_tokens
-        out["live_resident_weights"] = {"bytes_per_step": held_bytes, "bytes_over_ideal": held_bytes / ideal,
-                                        "per_window": held}
+        out["live_resident_weights"] = live(True)
     return out
 
 
@@ -110,7 +109,8 @@ def verify_cost(cfg, batch: int, tokens: int, context: int, cache_len: int, devi
     windows = qwen3.cache_windows(cache_len)
     window = windows[bisect.bisect_left(windows, context + tokens)]
     out: dict[str, Any] = {"tokens": tokens, "context": context, "window": window}
-    for key, auto in (("stored_layouts", False), ("resident_weights", True))[:2 if resident else 1]:
+    layouts = {"stored_layouts": False, "resident_weights": True} if resident else {"stored_layouts": False}
+    for key, auto in layouts.items():
         one = compiled_cost(cfg, batch, 1, cache_len, window, device, auto)
         many = compiled_cost(cfg, batch, tokens, cache_len, window, device, auto)
         entry = {"step": one, "verify": many, "bytes_ratio": many["bytes"] / one["bytes"],
